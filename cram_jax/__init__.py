@@ -1,0 +1,1 @@
+"""cram_jax: Compression-Aware Minimization (CrAM) for JAX and Optax."""

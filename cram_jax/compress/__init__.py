@@ -1,0 +1,2 @@
+"""Compression operators on params pytrees."""
+from cram_jax.compress.select import DEFAULT, Selection, path_str

@@ -1,0 +1,1 @@
+"""tensorflow-datasets sources and grain input pipelines."""
