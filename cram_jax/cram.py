@@ -1,0 +1,142 @@
+"""CrAM, the Compression-Aware Minimizer, as an optax transformation.
+
+One step (Peste et al., ICLR 2023; ``SPEC.md`` section 2), given the clean
+gradient ``g`` at ``x`` and a ``grad_fn`` on the same minibatch:
+
+1. ``x_t = x + rho * g`` (``rho * g / (||g|| + 1e-12)`` with ``normalize=True``);
+2. ``c, M = compressor(x_t)``: mask from the magnitudes of the perturbed point,
+   recomputed every step (one compression level sampled per step);
+3. ``g2 = grad_fn(c)``, masked to ``M * g2`` when ``sparse_grad``;
+4. ``G = g2 + g`` (CrAM+, a sum) or ``G = g2``;
+5. the wrapped optimizer's update for ``G`` at the original ``x``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree as optax_tree
+
+from cram_jax.compress import base
+
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
+
+
+class CrAMState(NamedTuple):
+  """State of :func:`cram`.
+
+  Attributes:
+    count: number of updates taken (int32), the argument of a ``rho`` schedule.
+    key: raw uint32 PRNG key data, split every step to sample the compression
+      level (kept raw so checkpoints and ``optax.tree`` utilities see plain arrays).
+    inner_state: state of the wrapped optimizer.
+  """
+  count: jax.Array
+  key: jax.Array
+  inner_state: optax.OptState
+
+
+def _pmean(tree: Any, axis_name: str | None) -> Any:
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def cram(optimizer: optax.GradientTransformation,
+         compressor: base.Compressor,
+         *,
+         rho: ScalarOrSchedule,
+         plus: bool = True,
+         sparse_grad: bool = True,
+         normalize: bool = False,
+         key: int | jax.Array = 0,
+         batch_axis_name: str | None = None,
+         local_perturbation: bool = False) -> optax.GradientTransformationExtraArgs:
+  """Compression-Aware Minimization around any optax optimizer.
+
+  ``update(grads, state, params, *, grad_fn, **extra_args)`` takes the clean
+  gradient ``grads`` at ``params`` and ``grad_fn(params) -> grads``, the gradient
+  of the loss on the same minibatch, and returns the wrapped optimizer's updates
+  for the CrAM gradient ``G`` (applied at ``params``: the perturbation is undone).
+
+  Args:
+    optimizer: the base optimizer; the reference uses
+      ``optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=0.9))``
+      (weight decay enters ``G`` at ``x``, never the perturbation).
+    compressor: ``compress(params, key) -> (compressed, masks)``, e.g.
+      ``global_magnitude([0.5, 0.7, 0.9])``; ``global_magnitude(0.0)`` is the identity.
+    rho: perturbation size, a float or a schedule of the step count.
+    plus: CrAM+: add the clean gradient, ``G = g2 + g`` (a sum, not an average).
+    sparse_grad: mask the compressed-point gradient with the compressor's masks
+      (the exact derivative of ``w -> M * w``); False is straight-through.
+    normalize: SAM's rule ``rho * g / ||g||`` instead of CrAM's ``rho * g``.
+    key: int seed or PRNG key for sampling compression levels.
+    batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis: both
+      gradients are ``pmean``-ed over it, so every replica perturbs with the
+      global gradient and computes the same mask. Not needed under plain ``jit``.
+    local_perturbation: with ``batch_axis_name``, perturb each replica with its
+      own gradient ("m-sharpness"); masks then differ between replicas.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; unknown extra arguments are
+    passed on to the wrapped optimizer.
+
+  References:
+    Peste et al., `CrAM: A Compression-Aware Minimizer
+    <https://arxiv.org/abs/2207.14200>`_, ICLR 2023.
+
+  Example::
+
+    tx = cram(optax.sgd(0.1, momentum=0.9), global_magnitude([0.5, 0.7, 0.9]), rho=0.05)
+    grad_fn = lambda p: jax.grad(loss)(p, batch)
+    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    params = optax.apply_updates(params, updates)
+  """
+  if not callable(compressor):
+    raise TypeError(f"cram: compressor must be callable (params, key) -> (params, masks), "
+                    f"got {compressor!r}")
+  if not callable(rho) and not isinstance(rho, jax.core.Tracer):
+    if not float(rho) >= 0.0:
+      raise ValueError(f"cram: rho must be a non-negative number or a schedule, got {rho!r}")
+  if local_perturbation and batch_axis_name is None:
+    raise ValueError("cram: local_perturbation=True needs batch_axis_name (the replica axis)")
+  inner = optax.with_extra_args_support(optimizer)
+  seed_key = jax.random.key_data(base.as_key(key))
+
+  def init_fn(params: optax.Params) -> CrAMState:
+    return CrAMState(count=jnp.zeros((), jnp.int32), key=jnp.asarray(seed_key),
+                     inner_state=inner.init(params))
+
+  def update_fn(updates: optax.Updates, state: CrAMState, params: optax.Params | None = None,
+                *, grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
+                **extra_args: Any) -> tuple[optax.Updates, CrAMState]:
+    if params is None:
+      raise ValueError("cram: update needs params (the point the gradient was taken at)")
+    if grad_fn is None:
+      raise ValueError("cram: update needs grad_fn=, the loss gradient on the same minibatch: "
+                       "tx.update(grads, state, params, grad_fn=grad_fn)")
+    clean = _pmean(updates, batch_axis_name)
+    direction = updates if local_perturbation else clean
+    if normalize:
+      norm = optax_tree.norm(direction)
+      direction = jax.tree.map(lambda g: g / (norm + 1e-12).astype(g.dtype), direction)
+    step_rho = rho(state.count) if callable(rho) else rho
+    perturbed = jax.tree.map(lambda x, g: (x + step_rho * g).astype(x.dtype), params, direction)
+
+    key, level_key = jax.random.split(jax.random.wrap_key_data(state.key))
+    compressed, masks = compressor(perturbed, level_key)
+    compressed_grads = _pmean(grad_fn(compressed), batch_axis_name)
+    if jax.tree.structure(compressed_grads) != jax.tree.structure(params):
+      raise ValueError("cram: grad_fn(params) must return gradients shaped like params, got "
+                       f"{jax.tree.structure(compressed_grads)}")
+    if sparse_grad:
+      compressed_grads = base.apply_masks(masks, compressed_grads)
+    cram_grads = (jax.tree.map(jnp.add, compressed_grads, clean) if plus else compressed_grads)
+
+    new_updates, inner_state = inner.update(cram_grads, state.inner_state, params, **extra_args)
+    return new_updates, CrAMState(count=optax.safe_increment(state.count),
+                                  key=jax.random.key_data(key), inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
