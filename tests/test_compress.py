@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cram_jax import compress
@@ -90,6 +90,7 @@ def test_layerwise_magnitude_matches_oracle_per_leaf(tree, sparsity):
                                   topk_oracle(np.abs(kernel).ravel(), k))
 
 
+@settings(max_examples=15)  # two compilations per example
 @given(tree=param_trees(), sparsity=st.floats(0.0, 1.0))
 def test_masks_identical_for_equal_inputs(tree, sparsity):
   # Two separately built and compiled compressors, on fresh copies of the values.
