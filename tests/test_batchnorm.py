@@ -1,0 +1,71 @@
+"""BatchNorm re-estimation against a NumPy EMA of batch moments."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cram_jax import calibration_batches, recalibrate_batch_stats, reset_batch_stats
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(6, name="dense")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+    return nn.Dense(2, name="head")(x)
+
+
+def test_recalibration_is_an_ema_of_batch_moments_and_leaves_params_alone():
+  model = Net()
+  rng = np.random.default_rng(0)
+  data = [rng.normal(loc=2.0, scale=3.0, size=(16, 5)).astype(np.float32) for _ in range(30)]
+  variables = model.init(jax.random.key(0), data[0], train=False)
+  stale = jax.tree.map(lambda x: x + 7.0, variables["batch_stats"])  # pretend stale stats
+  variables = {"params": variables["params"], "batch_stats": stale}
+
+  new = recalibrate_batch_stats(model, variables, data)
+
+  kernel = np.asarray(variables["params"]["dense"]["kernel"], np.float64)
+  bias = np.asarray(variables["params"]["dense"]["bias"], np.float64)
+  mean, var = np.zeros(6), np.ones(6)  # reset first
+  for x in data:
+    h = x.astype(np.float64) @ kernel + bias
+    mean = 0.9 * mean + 0.1 * h.mean(0)
+    var = 0.9 * var + 0.1 * h.var(0)  # biased batch variance, as Flax
+  np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], mean, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], var, rtol=1e-4, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])
+
+
+def test_reset_and_errors():
+  stats = {"bn": {"mean": jnp.full(3, 5.0), "var": jnp.full(3, 9.0)}}
+  reset = reset_batch_stats(stats)
+  np.testing.assert_array_equal(reset["bn"]["mean"], 0.0)
+  np.testing.assert_array_equal(reset["bn"]["var"], 1.0)
+  with pytest.raises(ValueError, match="no 'mean'/'var'"):
+    reset_batch_stats({"x": jnp.ones(3)})
+  model = Net()
+  x = np.ones((4, 5), np.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match="no 'batch_stats'"):
+    recalibrate_batch_stats(model, {"params": variables["params"]}, [x])
+  with pytest.raises(ValueError, match="batches is empty"):
+    recalibrate_batch_stats(model, variables, [])
+  with pytest.raises(TypeError, match="got a mapping"):
+    recalibrate_batch_stats(model, variables, [{"image": x}])
+
+
+def test_calibration_batches_follow_the_recipe():
+  images = np.arange(5000)[:, None]
+  out = list(calibration_batches(images, seed=1))
+  assert len(out) == 100 and all(b.shape == (128, 1) for b in out)
+  used = np.unique(np.concatenate(out))
+  assert len(used) == 1000  # 1000 random images, each seen ~12.8 times
+  first_pass = np.concatenate(out)[:1000, 0]
+  assert len(np.unique(first_pass)) == 1000  # shuffled passes, no repeats within one
+  again = list(calibration_batches(images, seed=1))
+  assert all(np.array_equal(a, b) for a, b in zip(out, again))
+  flipped = next(calibration_batches(images, augment=lambda b, rng: -b))
+  assert (flipped <= 0).all()

@@ -1,0 +1,98 @@
+"""One-shot pruning, sparsity reports and fine-tuning with fixed masks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cram_jax import compress, keep_pruned, prune, sparsity_report
+
+
+def params_tree(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32),
+                   "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32)},
+          "head": {"kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
+                   "bias": jnp.zeros((10,), jnp.float32)}}
+
+
+def test_prune_and_report_count_exact_zeros():
+  params = params_tree()
+  pruned, masks = prune(params, compress.global_magnitude(0.8))
+  report = sparsity_report(pruned, masks)
+  prunable = 3 * 3 * 4 * 8 + 8 * 10
+  total = prunable + 8 + 10
+  # Oracle: count with NumPy directly.
+  zeros_prunable = sum(int(np.sum(np.asarray(pruned[k]["kernel"]) == 0)) for k in pruned)
+  zeros_all = zeros_prunable + sum(int(np.sum(np.asarray(pruned[k]["bias"]) == 0)) for k in pruned)
+  assert report.prunable_size == prunable and report.total_size == total
+  assert report.prunable_zeros == zeros_prunable == prunable - round(0.2 * prunable)
+  assert report.total_zeros == zeros_all  # the head bias is all zeros: counted in "all"
+  assert report.total_sparsity == pytest.approx(zeros_all / total)
+  rows = {r.path: r for r in report.rows}
+  assert rows["head/bias"].zeros == 10 and not rows["head/bias"].prunable
+  assert rows["conv/kernel"].prunable
+  text = str(report)
+  assert "| **prunable** |" in text and "| **all parameters** |" in text
+
+
+def test_report_without_masks_uses_the_default_selection():
+  report = sparsity_report(params_tree())
+  assert [r.path for r in report.rows if r.prunable] == ["conv/kernel", "head/kernel"]
+  assert report.prunable_zeros == 0
+
+
+def test_prune_with_sampled_level_needs_key():
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    prune(params_tree(), compress.global_magnitude([0.5, 0.9]))
+  pruned, masks = prune(params_tree(), compress.global_magnitude([0.5, 0.9]),
+                        key=jax.random.key(0))
+  assert sparsity_report(pruned, masks).prunable_zeros in (round(0.5 * 368), 368 - round(0.1 * 368))
+
+
+def test_keep_pruned_holds_zeros_through_adamw_fine_tuning():
+  params = params_tree()
+  pruned, masks = prune(params, compress.n_of_m(2, 4))
+  tx = keep_pruned(optax.adamw(1e-2, weight_decay=0.1), masks)
+  target = jax.tree.map(lambda x: jnp.ones_like(x) * 3.0, params)
+  loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
+                                                             jax.tree.leaves(target)))
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(jax.grad(loss)(p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  p, s = pruned, tx.init(pruned)
+  for _ in range(20):
+    p, s = step(p, s)
+  for name in ("conv", "head"):
+    mask = np.asarray(masks[name]["kernel"])
+    kernel = np.asarray(p[name]["kernel"])
+    assert np.all(kernel[~mask] == 0.0)  # exactly zero, not just small
+    assert not np.allclose(kernel[mask], np.asarray(pruned[name]["kernel"])[mask])  # trained
+  assert not np.allclose(p["head"]["bias"], 0.0)  # unmasked leaves train freely
+
+
+def test_keep_pruned_zeroes_weights_that_were_not_pruned_yet():
+  params = params_tree()
+  _, masks = prune(params, compress.global_magnitude(0.5))
+  tx = keep_pruned(optax.sgd(0.1), masks)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  after = optax.apply_updates(params, updates)
+  assert np.all(np.asarray(after["conv"]["kernel"])[~np.asarray(masks["conv"]["kernel"])] == 0)
+
+
+def test_mismatched_mask_trees_are_rejected():
+  params = params_tree()
+  _, masks = prune(params, compress.global_magnitude(0.5))
+  wrong = {"conv": masks["conv"]}
+  with pytest.raises(ValueError, match="does not match the params tree"):
+    keep_pruned(optax.sgd(0.1), wrong).init(params)
+  with pytest.raises(ValueError, match="does not match the params tree"):
+    sparsity_report(params, wrong)
+  bad_shape = jax.tree.map(lambda m: m, masks, is_leaf=lambda x: x is None)
+  bad_shape["head"]["kernel"] = jnp.ones((10, 8), bool)
+  with pytest.raises(ValueError, match="leaf 'head/kernel' has shape"):
+    keep_pruned(optax.sgd(0.1), bad_shape).init(params)
