@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -314,5 +315,9 @@ def to_iterator(
     )
     ds = dataset.to_iter_dataset(read_options)
     if worker_count:
+        # grain's workers read absl flags, which only `absl.app.run` parses;
+        # outside it, accept the defaults instead of failing.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(ds)
