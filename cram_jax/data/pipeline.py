@@ -122,7 +122,9 @@ def make_pipeline(
         `max_query_length` (text).
 
     Returns:
-      A `grain.DatasetIterator` with `get_state()` / `set_state(state)`.
+      A `grain.DatasetIterator` with `get_state()` / `set_state(state)`; a
+      state restores into an iterator made with the same arguments (its
+      layout depends on `worker_count`).
 
     Raises:
       FileNotFoundError: the dataset is not prepared in `data_dir` (the
