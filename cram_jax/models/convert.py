@@ -166,6 +166,7 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
   missing_ok = [re.compile(p) for p in allow_missing]
   found: dict[str, np.ndarray] = {}
   unexpected, wrong = [], []
+  misshapen = set()  # reported as wrong shapes, not again as missing
   for name, value in state.items():
     key = rename(name) if rename else name
     if any(p.search(name) for p in ignore_re):
@@ -178,6 +179,7 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
     value = np.asarray(value)
     expected = _shape(want[path])
     if not rule.transform.ndim_ok(value) or rule.transform.to_ours(value).shape != expected:
+      misshapen.add(path)
       wrong.append(f"'{name}': checkpoint shape {value.shape}, model expects "
                    f"{rule.transform.theirs_shape(expected)} (our '{path}' is {expected})")
       continue
@@ -187,7 +189,7 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
     found[path] = rule.transform.to_ours(value)
   missing = []
   for path, leaf in want.items():
-    if path in found:
+    if path in found or path in misshapen:
       continue
     allowed = any(p.search(path) for p in missing_ok)
     if allowed and not isinstance(leaf, jax.ShapeDtypeStruct):
