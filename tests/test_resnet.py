@@ -229,6 +229,8 @@ def test_invalid_options_raise():
     resnet.ResNet20(num_classes=0)
   with pytest.raises(ValueError, match="same length"):
     resnet.ResNet(stage_sizes=(1, 1), widths=(8,), block_cls=resnet.BasicBlock, num_classes=3)
+  with pytest.raises(TypeError, match="block_cls must be a Module class"):
+    resnet.ResNet(stage_sizes=(1,), widths=(8,), block_cls="basic", num_classes=3)
   model = resnet.ResNet20()
   with pytest.raises(ValueError, match=r"NHWC.*\(32, 32, 3\)"):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((32, 32, 3)), train=False))

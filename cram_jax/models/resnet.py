@@ -16,8 +16,10 @@ Conventions: convs have no bias and are initialised with
 PyTorch's ``kaiming_normal_(mode='fan_out')``); BatchNorm uses momentum 0.9 (PyTorch's
 0.1) and epsilon 1e-5, scale 1 and bias 0; the classifier kernel is drawn like PyTorch's
 ``nn.Linear`` default (uniform with variance ``1 / (3 * fan_in)``) and its bias starts at
-zero. Paddings are explicit and symmetric (``k // 2``), as in PyTorch, so
-torchvision weights give the same outputs.
+zero. Paddings are explicit and symmetric (``k // 2``) as in PyTorch; ``'SAME'`` would
+pad stride-2 convs on one side only and shift every window against torchvision's.
+Flax's BatchNorm updates the running variance with the biased batch variance (PyTorch
+uses the unbiased one), a relative difference of ``1 / (n - 1)`` per update.
 
 Modules are named so key paths read well in a :class:`~cram_jax.compress.select.Selection`:
 ``conv_init``/``bn_init`` (stem), ``stage{i}_block{j}/{conv,bn}{k}``,
@@ -136,7 +138,8 @@ class ResNet(nn.Module):
   Attributes:
     stage_sizes: number of blocks per stage.
     widths: block ``filters`` per stage (bottlenecks output 4x as many channels).
-    block_cls: :class:`BasicBlock` or :class:`Bottleneck`.
+    block_cls: :class:`BasicBlock`, :class:`Bottleneck` or a Module class with the same
+      fields (``filters, strides, conv, norm``).
     num_classes: outputs of the classifier ``head``.
     stem: ``'cifar'`` (3x3 stride-1 conv, no pooling) or ``'imagenet'`` (7x7 stride-2
       conv and 3x3 stride-2 max-pool); either has ``widths[0]`` channels.
@@ -164,8 +167,9 @@ class ResNet(nn.Module):
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(f"ResNet: stage_sizes {tuple(self.stage_sizes)} and widths "
                        f"{tuple(self.widths)} must have the same length")
-    if self.block_cls not in (BasicBlock, Bottleneck):
-      raise TypeError(f"ResNet: block_cls must be BasicBlock or Bottleneck, got {self.block_cls!r}")
+    if not (isinstance(self.block_cls, type) and issubclass(self.block_cls, nn.Module)):
+      raise TypeError(f"ResNet: block_cls must be a Module class such as BasicBlock or "
+                      f"Bottleneck, got {self.block_cls!r}")
     super().__post_init__()
 
   @nn.compact
