@@ -98,6 +98,7 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             rates.append(args.steps * args.batch_size / elapsed)
         assert batch['image'].shape == (args.batch_size, 32, 32, 3)
+        iterator.close()  # stops worker processes before the data is deleted
     print(
         f'input_pipeline cifar10 train: batch {args.batch_size},'
         f' threads {args.threads}, workers {args.workers},'

@@ -103,7 +103,8 @@ def test_sst2_batches(vocab_file):
             length = int(batch['attention_mask'][row].sum())
             want = tokenizer.encode(text.as_text(source[int(batch['index'][row])]['sentence'])).ids
             assert ids[:length].tolist() == want
-            assert (ids[length:] == PAD).all() and (batch['attention_mask'][row, :length] == 1).all()
+            assert (ids[length:] == PAD).all()
+            assert (batch['attention_mask'][row, :length] == 1).all()
             assert not batch['token_type_ids'][row].any()
     last = batches[-1]
     np.testing.assert_array_equal(last['mask'], [True, True, False, False])
@@ -133,7 +134,9 @@ def test_mnli_pairs_truncate_longest_first(vocab_file):
 def test_other_glue_tasks(vocab_file, task):
     with mock(4):
         batch = next(
-            data.make_pipeline(f'glue/{task}', 'train', batch_size=2, train=True, vocab_file=vocab_file)
+            data.make_pipeline(
+                f'glue/{task}', 'train', batch_size=2, train=True, vocab_file=vocab_file
+            )
         )
     assert batch['input_ids'].shape == (2, 128)
     assert batch['label'].dtype == (np.float32 if task == 'stsb' else np.int32)
@@ -151,14 +154,10 @@ def test_glue_determinism_resume_and_sharding(vocab_file):
         fresh.set_state(state)
         for a, b in zip(take(fresh, 3), later):
             np.testing.assert_array_equal(a['input_ids'], b['input_ids'])
-        seen = [
-            np.concatenate([
-                b['index'] for b in take(
-                    data.make_pipeline('glue/sst2', 'train', shard_index=s, shard_count=2, **kwargs), 2
-                )
-            ])
-            for s in range(2)
-        ]
+        seen = []
+        for s in range(2):
+            it = data.make_pipeline('glue/sst2', 'train', shard_index=s, shard_count=2, **kwargs)
+            seen.append(np.concatenate([b['index'] for b in take(it, 2)]))
     assert sorted(np.concatenate(seen)) == list(range(8))
 
 
@@ -235,7 +234,8 @@ def test_squad_windows_layout_and_positions(vocab_file):
             assert (f['input_ids'][len(body) :] == PAD).all()
             assert f['attention_mask'].sum() == len(body)
             q = len(question) + 2
-            assert (f['token_type_ids'][q : len(body)] == 1).all() and f['token_type_ids'].sum() == length + 1
+            assert (f['token_type_ids'][q : len(body)] == 1).all()
+            assert f['token_type_ids'].sum() == length + 1
             first = np.flatnonzero(f['token_is_max_context'])
             max_context_count[start + first - q] += 1
             s, e = int(f['start_positions']), int(f['end_positions'])
@@ -261,7 +261,7 @@ def squad_eval_arrays(batches):
     return {k: np.concatenate([b[k] for b in batches]) for k in keys}
 
 
-def oracle_logits(arrays, examples, tokenizer_vocab):
+def oracle_logits(arrays, examples):
     """Logits peaked at the gold answer in each window that contains it."""
     rng = np.random.default_rng(0)
     n, length = arrays['input_ids'].shape
@@ -274,7 +274,8 @@ def oracle_logits(arrays, examples, tokenizer_vocab):
         answer = examples[ex]['answers']['text'][0].decode()
         a0 = CONTEXT.index(answer)
         offsets = arrays['offsets'][row]
-        hits = np.flatnonzero((offsets[:, 0] >= 0) & (offsets[:, 1] > a0) & (offsets[:, 0] < a0 + len(answer)))
+        overlap = (offsets[:, 0] >= 0) & (offsets[:, 1] > a0) & (offsets[:, 0] < a0 + len(answer))
+        hits = np.flatnonzero(overlap)
         if len(hits) and offsets[hits[0], 0] == a0 and offsets[hits[-1], 1] == a0 + len(answer):
             start[row, hits[0]] += 10
             end[row, hits[-1]] += 10
@@ -285,31 +286,30 @@ def test_squad_eval_pipeline_decodes_gold_spans(vocab_file):
     with mock(examples=EXAMPLES):
         source = data.open_source('squad/v1.1', 'validation')
         batches = list(
-            data.make_pipeline('squad/v1.1', 'validation', batch_size=5, train=False, vocab_file=vocab_file, **SMALL)
+            data.make_pipeline(
+                'squad/v1.1', 'validation', batch_size=5, train=False,
+                vocab_file=vocab_file, **SMALL,
+            )
         )
     arrays = squad_eval_arrays(batches)
     assert (arrays['example_index'] == -1).any()  # padded last batch
-    start, end = oracle_logits(arrays, EXAMPLES, vocab_file)
-    predictions = data.postprocess_squad(
-        source, arrays['example_index'], arrays['offsets'], arrays['token_is_max_context'], start, end
-    )
+    start, end = oracle_logits(arrays, EXAMPLES)
+    windows = (arrays['example_index'], arrays['offsets'], arrays['token_is_max_context'])
+    predictions = data.postprocess_squad(source, *windows, start, end)
     references = data.squad_references(source)
     assert predictions == {k: v[0] for k, v in references.items()}
     result = squad_metric.evaluate(predictions, references)
     assert result['exact_match'] == 100.0 and result['f1'] == 100.0
     # With room for 1-token answers only, 'in the park' cannot be predicted.
-    short = data.postprocess_squad(
-        source, arrays['example_index'], arrays['offsets'], arrays['token_is_max_context'],
-        start, end, max_answer_length=1,
-    )
+    short = data.postprocess_squad(source, *windows, start, end, max_answer_length=1)
     assert short['q0'] == 'Paris' and short['q1'] != 'in the park'
 
 
 def test_squad_train_pipeline_on_random_mock_data(vocab_file):
+    kwargs = dict(batch_size=4, train=True, seed=0, vocab_file=vocab_file)
     with mock(6):
-        it = data.make_pipeline('squad/v1.1', 'train', batch_size=4, train=True, seed=0, vocab_file=vocab_file)
-        batches = take(it, 3)
-        again = take(data.make_pipeline('squad/v1.1', 'train', batch_size=4, train=True, seed=0, vocab_file=vocab_file), 3)
+        batches = take(data.make_pipeline('squad/v1.1', 'train', **kwargs), 3)
+        again = take(data.make_pipeline('squad/v1.1', 'train', **kwargs), 3)
     for batch, other in zip(batches, again):
         np.testing.assert_array_equal(batch['input_ids'], other['input_ids'])
         assert batch['input_ids'].shape == (4, 384) and batch['input_ids'].dtype == np.int32

@@ -261,7 +261,7 @@ def test_two_eval_shards_cover_odd_split_with_equal_lengths():
 
 def test_augmentation_does_not_depend_on_sharding():
     with mock(8):
-        single = take(data.make_pipeline('cifar10', 'train', batch_size=8, train=True, seed=2), 1)[0]
+        single = next(data.make_pipeline('cifar10', 'train', batch_size=8, train=True, seed=2))
         halves = [
             take(
                 data.make_pipeline(
@@ -288,7 +288,9 @@ def test_finite_epochs_and_random_access():
     with mock(12):
         ds = data.make_dataset('cifar10', 'train', batch_size=4, train=True, num_epochs=2)
         assert len(ds) == 6
-        batches = list(data.make_pipeline('cifar10', 'train', batch_size=4, train=True, num_epochs=2))
+        batches = list(
+            data.make_pipeline('cifar10', 'train', batch_size=4, train=True, num_epochs=2)
+        )
     assert len(batches) == 6
     np.testing.assert_array_equal(ds[4]['image'], batches[4]['image'])
 
@@ -296,7 +298,9 @@ def test_finite_epochs_and_random_access():
 def test_invalid_arguments_name_the_option():
     with mock(8):
         with pytest.raises(ValueError, match='shard_index=2'):
-            data.make_pipeline('cifar10', 'train', batch_size=2, train=True, shard_index=2, shard_count=2)
+            data.make_pipeline(
+                'cifar10', 'train', batch_size=2, train=True, shard_index=2, shard_count=2
+            )
         with pytest.raises(ValueError, match='batch_size=16'):
             data.make_pipeline('cifar10', 'train', batch_size=16, train=True)
         with pytest.raises(ValueError, match='seed=-1'):
@@ -312,9 +316,12 @@ def test_invalid_arguments_name_the_option():
 def test_imagenet_train_and_eval_batches():
     with mock(8):
         source = data.open_source('imagenet2012', 'validation')
-        train = take(data.make_pipeline('imagenet2012', 'train', batch_size=4, train=True, seed=1), 2)
-        again = take(data.make_pipeline('imagenet2012', 'train', batch_size=4, train=True, seed=1), 2)
-        evaluation = next(data.make_pipeline('imagenet2012', 'validation', batch_size=4, train=False))
+        kwargs = dict(batch_size=4, train=True, seed=1)
+        train = take(data.make_pipeline('imagenet2012', 'train', **kwargs), 2)
+        again = take(data.make_pipeline('imagenet2012', 'train', **kwargs), 2)
+        evaluation = next(
+            data.make_pipeline('imagenet2012', 'validation', batch_size=4, train=False)
+        )
     assert_batches_equal(train, again)
     lo, hi = normalized_bounds(vision.IMAGENET_MEAN, vision.IMAGENET_STD)
     for batch in train + [evaluation]:
