@@ -9,6 +9,7 @@ augmentation), letting BatchNorm's EMA (Flax ``momentum=0.9``) re-estimate them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -71,12 +72,7 @@ def recalibrate_batch_stats(model: nn.Module, variables: Mapping[str, Any],
   if reset:
     stats = reset_batch_stats(stats)
 
-  @jax.jit
-  def step(frozen, stats, inputs):
-    _, updated = model.apply({**frozen, "batch_stats": stats}, *inputs, mutable=["batch_stats"],
-                             **kwargs)
-    return updated["batch_stats"]
-
+  step = _recalibration_step(model, tuple(sorted(kwargs.items())))
   count = 0
   for batch in batches:
     if isinstance(batch, Mapping):
@@ -89,6 +85,20 @@ def recalibrate_batch_stats(model: nn.Module, variables: Mapping[str, Any],
   if count == 0:
     raise ValueError("recalibrate_batch_stats: batches is empty")
   return {**frozen, "batch_stats": stats}
+
+
+@functools.lru_cache(maxsize=32)
+def _recalibration_step(model: nn.Module, kwargs: tuple[tuple[str, Any], ...]):
+  """One compiled train-mode forward per (model, kwargs): a sweep over many pruned
+  copies of a model compiles it once."""
+
+  @jax.jit
+  def step(frozen, stats, inputs):
+    _, updated = model.apply({**frozen, "batch_stats": stats}, *inputs, mutable=["batch_stats"],
+                             **dict(kwargs))
+    return updated["batch_stats"]
+
+  return step
 
 
 def calibration_batches(images: np.ndarray, *, num_images: int = 1000, num_batches: int = 100,

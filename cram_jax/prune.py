@@ -14,17 +14,23 @@ from cram_jax.compress import base
 from cram_jax.compress import select as select_lib
 
 
-def prune(params: Any, compressor: base.Compressor, *, key: Any = None) -> tuple[Any, Any]:
+def prune(params: Any, compressor: base.Compressor, *, key: Any = None,
+          **kwargs: Any) -> tuple[Any, Any]:
   """Compresses ``params`` once; returns ``(pruned_params, masks)``.
+
+  The compressor is jit-compiled (and cached by JAX per compressor object), so a
+  sweep that reuses one compressor, e.g. ``level=i`` of
+  ``global_magnitude([0.5, 0.7, 0.9])``, compiles once.
 
   Args:
     params: the trained (dense) parameters.
     compressor: e.g. ``global_magnitude(0.9)`` or ``n_of_m(2, 4)``.
     key: needed only when the compressor samples a level per call.
+    **kwargs: passed to the compressor (e.g. ``level=``).
   """
   if not callable(compressor):
     raise TypeError(f"prune: compressor must be callable, got {compressor!r}")
-  return jax.jit(compressor)(params, key) if key is not None else jax.jit(compressor)(params)
+  return jax.jit(compressor)(params, key, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

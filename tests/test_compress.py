@@ -314,3 +314,18 @@ def test_check_masks_mismatch():
     compress.check_masks(params, {"a": jnp.ones((2, 3), bool), "b": None}, owner="t")
   with pytest.raises(TypeError, match="leaf 'a' has dtype float32"):
     compress.check_masks(params, {"a": jnp.ones((2, 2)), "b": None}, owner="t")
+
+
+def test_level_argument_sweeps_levels_with_one_compilation():
+  rng = np.random.default_rng(4)
+  params = {"a": jnp.asarray(rng.normal(size=(30, 20)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(7, 9)), jnp.float32)}
+  levels = [0.5, 0.8, 0.95]
+  for make in (compress.global_magnitude, compress.layerwise_magnitude):
+    swept = jax.jit(make(levels))
+    for i, s in enumerate(levels):
+      jax.tree.map(np.testing.assert_array_equal, swept(params, level=i)[1],
+                   make(s)(params)[1])
+    assert swept._cache_size() == 1
+  with pytest.raises(ValueError, match="level must index one of the 3"):
+    compress.global_magnitude(levels)(params, level=3)

@@ -35,6 +35,7 @@ def resnet20():
 
 
 @pytest.mark.parametrize("factory,size,expected", [
+    (resnet.ResNet8, 32, 78_042),
     (resnet.ResNet20, 32, 272_474),
     (resnet.ResNet32, 32, 466_906),
     (resnet.ResNet44, 32, 661_338),
@@ -52,6 +53,15 @@ def test_parameter_counts(factory, size, expected):
   variables = abstract_variables(factory(), size)
   assert count(variables["params"]) == expected
   assert factory.__doc__.replace(",", "").count(str(expected)) == 1
+
+
+def test_resnet8_hand_count():
+  # stem + BN; one block per stage, 1x1 shortcuts into stages 2 and 3; head.
+  stem = 3 * 3 * 3 * 16 + 32
+  stage1 = 2 * 9 * 16 * 16 + 2 * 32
+  stage2 = 9 * 16 * 32 + 9 * 32 * 32 + 2 * 64 + 16 * 32 + 64
+  stage3 = 9 * 32 * 64 + 9 * 64 * 64 + 2 * 128 + 32 * 64 + 128
+  assert stem + stage1 + stage2 + stage3 + 64 * 10 + 10 == 78_042
 
 
 def test_resnet20_hand_count():
@@ -191,6 +201,8 @@ def test_bn_axis_name_averages_statistics_across_the_named_axis(resnet20):
 
 
 @pytest.mark.parametrize("factory,size,n_kernels", [
+    # 7 3x3 convs (stem + 3 blocks * 2), 2 1x1 shortcuts, the head.
+    (resnet.ResNet8, 32, 10),
     # 19 3x3 convs (stem + 9 blocks * 2), 2 1x1 shortcuts, the head.
     (resnet.ResNet20, 32, 22),
     # stem + 8 blocks * 2 + 3 shortcuts + head.

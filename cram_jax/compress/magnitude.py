@@ -11,7 +11,8 @@ largest magnitude is found by bisection on its bit pattern. Non-negative IEEE
 floats order exactly like their bits read as signed integers, so 31 passes
 (float32) each count ``bits >= candidate`` over the leaves (a fused
 compare-and-sum, one read of the weights) and fix one bit of the threshold. Ties
-at the threshold are then resolved with one cumulative count, only when needed.
+at the threshold are then resolved by a second bisection, on the flat index,
+only when there are more tied entries than places left.
 The counts accumulate in uint8 lanes across 128 slices of each leaf before one
 int32 sum: XLA's CPU code vectorises that about 6x better than a plain int32 sum.
 """
@@ -52,45 +53,89 @@ def _count(predicate: jax.Array) -> jax.Array:
   return total
 
 
-def _kth_largest(bits: Sequence[jax.Array], k: jax.Array) -> jax.Array:
-  """The k-th largest value (1-based) among all entries of ``bits``.
+def _per_group(counts: Sequence[jax.Array], groups: Sequence[int], num_groups: int) -> jax.Array:
+  """Sums per-leaf counts into a ``(num_groups,)`` vector."""
+  return jnp.stack([sum((c for c, g in zip(counts, groups) if g == j), jnp.zeros((), jnp.int32))
+                    for j in range(num_groups)])
 
-  Builds the answer from the top bit down: a bit is set when at least k entries
-  are >= the prefix with that bit set. For k = 0 the result exceeds every entry.
+
+def _kth_largest(bits: Sequence[jax.Array], groups: Sequence[int], k: jax.Array) -> jax.Array:
+  """Per group, the k-th largest value (1-based) among its leaves' entries.
+
+  Builds each answer from the top bit down: a bit is set when at least k entries
+  of the group are >= the prefix with that bit set. For k = 0 the result exceeds
+  every entry. All groups share the same passes over the leaves.
   """
   itype = bits[0].dtype
   nbits = jnp.iinfo(itype).bits - 1  # the sign bit of |w| is always 0
 
   def body(i, prefix):
     candidate = prefix | (jnp.ones((), itype) << (nbits - 1 - i).astype(itype))
-    count = sum(_count(b >= candidate) for b in bits)
-    return jnp.where(count >= k, candidate, prefix)
+    counts = _per_group([_count(b >= candidate[g]) for b, g in zip(bits, groups)], groups,
+                        len(k))
+    return jnp.where(counts >= k, candidate, prefix)
 
-  return lax.fori_loop(0, nbits, body, jnp.zeros((), itype))
+  return lax.fori_loop(0, nbits, body, jnp.zeros(k.shape, itype))
 
 
-def _topk_masks(leaves: Sequence[jax.Array], k: jax.Array) -> list[jax.Array]:
-  """Masks keeping exactly the k largest ``|w|`` over ``leaves`` together."""
+def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
+  size = int(np.prod(shape))
+  return (lax.iota(jnp.int32, size) + offset).reshape(shape)
+
+
+def _tie_cutoff(equal: Sequence[jax.Array], groups: Sequence[int], offsets: Sequence[int],
+                group_sizes: Sequence[int], need: jax.Array) -> jax.Array:
+  """Per group, the smallest J with exactly ``need`` tied entries of flat index < J.
+
+  The same bisection as the threshold, on the index instead of the value: the
+  largest L with fewer than ``need`` ties below it, plus one (0 when need is 0).
+  """
+  nbits = max(int(max(group_sizes)).bit_length(), 1)
+
+  def below(limit):
+    return _per_group([_count(e & (_flat_index(e.shape, o) < limit[g]))
+                       for e, g, o in zip(equal, groups, offsets)], groups, len(need))
+
+  def body(i, prefix):
+    candidate = prefix | (jnp.int32(1) << (nbits - 1 - i))
+    return jnp.where(below(candidate) < need, candidate, prefix)
+
+  largest_short = lax.fori_loop(0, nbits, body, jnp.zeros(need.shape, jnp.int32))
+  return jnp.where(need > 0, largest_short + 1, 0)
+
+
+def _topk_masks(leaves: Sequence[jax.Array], groups: Sequence[int],
+                k: jax.Array) -> list[jax.Array]:
+  """Masks keeping exactly ``k[g]`` largest ``|w|`` among the leaves of each group g.
+
+  ``groups[i]`` is leaf i's group: one group for global pruning, one per leaf for
+  layer-wise. Ties at the threshold go to the lower flat index within the group.
+  """
   wide = any(leaf.dtype == jnp.float64 for leaf in leaves)
   bits = [_bits(leaf, wide) for leaf in leaves]
   k = jnp.asarray(k, jnp.int32)
-  threshold = _kth_largest(bits, k)
-  above = sum(_count(b > threshold) for b in bits)
-  ties = sum(_count(b == threshold) for b in bits)
-  keep_ties = k - above  # how many entries equal to the threshold are kept
-  masks, seen = [], jnp.zeros((), jnp.int32)
-  for b in bits:
-    equal = b == threshold
+  num_groups = len(k)
+  threshold = _kth_largest(bits, groups, k)
+  above = _per_group([_count(b > threshold[g]) for b, g in zip(bits, groups)], groups,
+                     num_groups)
+  equal = [b == threshold[g] for b, g in zip(bits, groups)]
+  ties = _per_group([_count(e) for e in equal], groups, num_groups)
+  need = k - above  # how many entries equal to the threshold each group keeps
 
-    def lower_index_wins(b=b, equal=equal, seen=seen):
-      rank = jnp.cumsum(equal.reshape(-1), dtype=jnp.int32).reshape(b.shape) + seen
-      return (b > threshold) | (equal & (rank <= keep_ties))
+  def every_tie_kept():
+    return [b >= threshold[g] for b, g in zip(bits, groups)]
 
-    # Usually every tied entry is kept (random floats rarely tie at the threshold),
-    # and the cumulative count can be skipped.
-    masks.append(lax.cond(keep_ties >= ties, lambda b=b: b >= threshold, lower_index_wins))
-    seen = seen + _count(equal)
-  return masks
+  def lower_index_wins():
+    offsets, filled = [], [0] * num_groups
+    for b, g in zip(bits, groups):
+      offsets.append(filled[g])
+      filled[g] += int(np.prod(b.shape))
+    cutoff = _tie_cutoff(equal, groups, offsets, filled, need)
+    return [(b > threshold[g]) | (e & (_flat_index(b.shape, o) < cutoff[g]))
+            for b, e, g, o in zip(bits, equal, groups, offsets)]
+
+  # Random floats rarely tie at the threshold; then the index bisection is skipped.
+  return lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
 
 
 def kept_count(sparsity: Any, size: int) -> Any:
@@ -110,6 +155,15 @@ def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
   if len(counts) == 1:
     return counts[0]
   return jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])
+
+
+def _level_index(key: Any, level: Any, num_levels: int, owner: str) -> Any:
+  """``level`` when given (a sweep over the levels, one compilation), else sampled."""
+  if level is None:
+    return base.sample_index(key, num_levels, owner)
+  if not isinstance(level, jax.core.Tracer) and not 0 <= int(level) < num_levels:
+    raise ValueError(f"{owner}: level must index one of the {num_levels} sparsities, got {level}")
+  return jnp.asarray(level, jnp.int32)
 
 
 def _pick(counts: Any, index: jax.Array) -> Any:
@@ -133,22 +187,25 @@ def global_magnitude(sparsity: float | Sequence[float] | jax.Array, *,
     include, exclude: regex shorthands for ``Selection(include, exclude)``.
 
   Returns:
-    ``compress(params, key=None) -> (compressed_params, masks)``.
+    ``compress(params, key=None, *, level=None) -> (compressed_params, masks)``;
+    ``level`` picks ``sparsity[level]`` instead of sampling (it may be traced, so
+    one compiled function sweeps every level with exact counts).
 
   Example::
 
     compress = global_magnitude([0.5, 0.7, 0.9])
-    sparse, masks = compress(params, jax.random.key(0))
+    sparse, masks = compress(params, jax.random.key(0))   # a sampled level
+    sparse, masks = jax.jit(compress)(params, level=2)     # 90%
   """
   owner = f"global_magnitude({sparsity!r})"
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
-  def compress(params: Any, key: Any = None) -> tuple[Any, Any]:
+  def compress(params: Any, key: Any = None, *, level: Any = None) -> tuple[Any, Any]:
     chosen = select_lib.selected(params, rule, owner=owner)
     size = sum(int(np.prod(jnp.shape(x))) for _, x in chosen)
-    k = _pick(_level_counts(levels, size), base.sample_index(key, len(levels), owner))
-    masks = _topk_masks([x for _, x in chosen], k)
+    k = _pick(_level_counts(levels, size), _level_index(key, level, len(levels), owner))
+    masks = _topk_masks([x for _, x in chosen], [0] * len(chosen), jnp.reshape(k, (1,)))
     return base.compress_with(params, {name: m for (name, _), m in zip(chosen, masks)})
 
   return compress
@@ -168,13 +225,13 @@ def layerwise_magnitude(sparsity: float | Sequence[float] | jax.Array, *,
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
-  def compress(params: Any, key: Any = None) -> tuple[Any, Any]:
+  def compress(params: Any, key: Any = None, *, level: Any = None) -> tuple[Any, Any]:
     chosen = select_lib.selected(params, rule, owner=owner)
-    index = base.sample_index(key, len(levels), owner)
-    leaf_masks = {}
-    for name, x in chosen:
-      k = _pick(_level_counts(levels, int(np.prod(jnp.shape(x)))), index)
-      leaf_masks[name] = _topk_masks([x], k)[0]
-    return base.compress_with(params, leaf_masks)
+    index = _level_index(key, level, len(levels), owner)
+    # One group per leaf: every leaf is bisected in the same passes.
+    k = jnp.stack([jnp.asarray(_pick(_level_counts(levels, int(np.prod(jnp.shape(x)))), index),
+                               jnp.int32) for _, x in chosen])
+    masks = _topk_masks([x for _, x in chosen], list(range(len(chosen))), k)
+    return base.compress_with(params, {name: m for (name, _), m in zip(chosen, masks)})
 
   return compress

@@ -6,5 +6,5 @@ from cram_jax.models.convert import (PRETRAINING_HEADS, bert_abstract_params, ex
                                      import_torchvision_resnet, load_bert, save_bert)
 from cram_jax.models.resnet import (RESNET_PRUNABLE, RESNET_UNIFORM, BasicBlock, Bottleneck,
                                     CifarResNet18, ResNet, ResNet18, ResNet20, ResNet32,
-                                    ResNet34, ResNet44, ResNet50, ResNet56, ResNet101,
+                                    ResNet8, ResNet34, ResNet44, ResNet50, ResNet56, ResNet101,
                                     ResNet110, ResNet152)

@@ -212,6 +212,15 @@ def _cifar_resnet(depth: int, num_classes: int, **kwargs) -> ResNet:
                 num_classes=num_classes, stem="cifar", **kwargs)
 
 
+def ResNet8(num_classes: int = 10, **kwargs) -> ResNet:  # pylint: disable=invalid-name
+  """CIFAR-style ResNet-8 (1 BasicBlock per stage): 78,042 params with 10 classes.
+
+  For quick runs such as the demo.
+  10 prunable kernels: 7 3x3 convs, 2 shortcut convs and the head.
+  """
+  return _cifar_resnet(8, num_classes, **kwargs)
+
+
 def ResNet20(num_classes: int = 10, **kwargs) -> ResNet:  # pylint: disable=invalid-name
   """CIFAR ResNet-20 (3 BasicBlocks per stage): 272,474 params with 10 classes.
 

@@ -1,0 +1,1 @@
+"""Experiment runner: configs, training, one-shot sweeps, the demo."""

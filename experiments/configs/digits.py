@@ -1,0 +1,24 @@
+"""ResNet-8 on the bundled digits (offline; the demo's recipe).
+
+  --config experiments/configs/digits.py[:sgd | sam | cram+-multi]
+
+8x8 images, 1437 train / 360 test; batch 64, 30 epochs, lr 0.05, wd 5e-4,
+cosine per epoch; CrAM+-Multi {.5,.7,.8,.9} with rho 0.05; SAM rho 0.05. The one-shot
+sweep: 50/70/80/90/95% global and layer-wise, 2:4 and 4:8, BatchNorm re-estimated on
+1000 training images (the recipe's 100 batches of 128).
+"""
+
+from experiments.configs import common
+
+
+def get_config(method: str = "cram+-multi"):
+  c = common.base_config()
+  c.dataset, c.model, c.num_classes = "digits", "ResNet8", 10
+  c.learning_rate, c.weight_decay, c.batch_size, c.eval_batch_size = 0.05, 5e-4, 64, 120
+  c.num_epochs, c.warmup_epochs = 30, 0
+  common.set_method(c, method, rho=0.05, sparsities=(0.5, 0.7, 0.8, 0.9))
+  c.checkpoint_every_steps = 200
+  c.log_every_steps = 22
+  c.seed = 0
+  c.oneshot.sparsities = (0.5, 0.7, 0.8, 0.9, 0.95)
+  return c
