@@ -56,8 +56,8 @@ class MeshParallel:
     return jax.device_put(state, self.replicated)
 
   def host_state(self, state: Any) -> Any:
-    """One copy of the state, for checkpoints and evaluation on the host."""
-    return state
+    """One copy of the state in host memory, for checkpoints."""
+    return jax.tree.map(_first_shard, state)
 
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Each process contributes its local rows; together they form the global batch.
@@ -81,13 +81,16 @@ class PmapParallel:
 
   def __init__(self, devices=None):
     self.devices = list(devices if devices is not None else jax.local_devices())
+    # pmap's own layout in this JAX: leading axis split over a 1-D mesh of its devices.
+    self._stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), PartitionSpec(AXIS))
 
   @property
   def num_replicas(self) -> int:
     return len(self.devices)
 
   def _sharding(self, shape):
-    return jax.sharding.PmapSharding.default(shape, sharded_dim=0, devices=self.devices)
+    del shape
+    return self._stacked
 
   def place_state(self, state: Any) -> Any:
     n = self.num_replicas
@@ -98,7 +101,7 @@ class PmapParallel:
     return jax.tree.map(replicate, state)
 
   def host_state(self, state: Any) -> Any:
-    return jax.tree.map(lambda x: x[0], state)
+    return jax.tree.map(lambda x: _first_shard(x)[0], state)
 
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     n = self.num_replicas
@@ -124,12 +127,31 @@ class PmapParallel:
                         if np.ndim(x) >= 2 else np.asarray(x), jax.device_get(tree))
 
 
+def _first_shard(x: Any) -> np.ndarray:
+  """This process's first shard of `x` as NumPy: the whole value when replicated,
+  replica 0's row under pmap. Reading one shard avoids a slicing program per leaf."""
+  if isinstance(x, jax.Array):
+    return np.asarray(x.addressable_shards[0].data)
+  return np.asarray(x)
+
+
 def make_parallel(config) -> MeshParallel | PmapParallel:
+  """`config.parallel` ('jit' or 'pmap') over `config.num_devices` devices (0: all)."""
   mode = config.get("parallel", "jit")
+  count = config.get("num_devices", 0)
   if mode == "jit":
-    return MeshParallel()
-  if mode == "pmap":
-    return PmapParallel()
+    devices = jax.devices()
+  elif mode == "pmap":
+    devices = jax.local_devices()
+  else:
+    raise ValueError(f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'")
+  if count:
+    if count > len(devices):
+      raise ValueError(f"config.num_devices={count} but only {len(devices)} devices exist")
+    devices = devices[:count]
+  if mode == "jit":
+    return MeshParallel(devices)
+  return PmapParallel(devices)
   raise ValueError(f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'")
 
 

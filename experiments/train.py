@@ -64,9 +64,10 @@ def build(config: ml_collections.ConfigDict) -> Run:
     raise ValueError(f"config.batch_size={config.batch_size} does not divide over "
                      f"{jax.process_count()} processes")
   process_batch = config.batch_size // jax.process_count()
-  if process_batch % jax.local_device_count():
+  local_devices = max(parallel.num_replicas // jax.process_count(), 1)
+  if process_batch % local_devices:
     raise ValueError(f"config.batch_size={config.batch_size}: {process_batch} per process is "
-                     f"not a multiple of the {jax.local_device_count()} local devices")
+                     f"not a multiple of the {local_devices} local devices")
   one_epoch = data_lib.make_dataset(config.dataset, config.train_split, num_epochs=1,
                                     **train_data_kwargs(config, process_batch))
   steps_per_epoch = len(one_epoch)
@@ -79,12 +80,20 @@ def build(config: ml_collections.ConfigDict) -> Run:
 def init_state(run: Run, sample_batch: dict[str, np.ndarray]) -> State:
   """Fresh state on the host: params (maybe pretrained), BN statistics, optimiser state."""
   config = run.config
-  variables = jax.jit(run.task.init)(jax.random.key(config.seed), sample_batch)
-  params = tasks.load_pretrained(config, variables["params"])
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "batch_stats": variables.get("batch_stats", {}),
-          "opt_state": run.tx.init(params),
-          "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
+
+  @jax.jit  # one compilation, instead of one per optimiser-state leaf
+  def fresh(batch):
+    variables = run.task.init(jax.random.key(config.seed), batch)
+    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+            "batch_stats": variables.get("batch_stats", {}),
+            "opt_state": run.tx.init(variables["params"]),
+            "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
+
+  state = fresh(sample_batch)
+  if config.get("init_checkpoint"):
+    state["params"] = tasks.load_pretrained(config, state["params"])
+    state["opt_state"] = jax.jit(run.tx.init)(state["params"])
+  return state
 
 
 def abstract(tree: Any) -> Any:
@@ -208,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       step += 1
       if step % config.log_every_steps == 0 or step == run.total_steps:
         means = {k: float(np.mean(v)) for k, v in
-                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x), *pending)).items()}
+                 jax.tree.map(lambda *x: np.stack(x), *jax.device_get(pending)).items()}
         pending.clear()
         rates = progress.update(step, means)
         writer.write(step, "train", {**means, **rates,

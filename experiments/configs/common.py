@@ -9,7 +9,8 @@ Field reference (all runs):
     local_perturbation (m-sharpness: per-replica perturbation, needs parallel='pmap').
   num_epochs, warmup_epochs, schedule_per_epoch, num_train_steps (0: epochs decide).
   batch_size (global), eval_batch_size (global), seed.
-  parallel: 'jit' (device mesh, default) | 'pmap'; distributed.* for multi-host start-up.
+  parallel: 'jit' (device mesh, default) | 'pmap'; num_devices (0: all);
+    distributed.* for multi-host start-up.
   checkpoint_every_steps, keep_checkpoints, log_every_steps, prefetch, data_threads.
   oneshot.*: the sweep of experiments/oneshot.py.
 """
@@ -52,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 10
 
   c.parallel = "jit"
+  c.num_devices = 0  # 0: every device
   c.distributed = ml_collections.ConfigDict()
   c.distributed.enabled = False
   c.distributed.coordinator_address = config_dict.placeholder(str)
