@@ -77,27 +77,29 @@ def build(config: ml_collections.ConfigDict) -> Run:
   return Run(config, parallel, task, steps_per_epoch, int(total), process_batch, tx)
 
 
+def fresh_state(run: Run, sample_batch: dict[str, Any]) -> State:
+  """A new training state (pure: jit it, or `jax.eval_shape` it for the structure)."""
+  config = run.config
+  variables = run.task.init(jax.random.key(config.seed), sample_batch)
+  return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+          "batch_stats": variables.get("batch_stats", {}),
+          "opt_state": run.tx.init(variables["params"]),
+          "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
+
+
 def init_state(run: Run, sample_batch: dict[str, np.ndarray]) -> State:
   """Fresh state on the host: params (maybe pretrained), BN statistics, optimiser state."""
-  config = run.config
-
-  @jax.jit  # one compilation, instead of one per optimiser-state leaf
-  def fresh(batch):
-    variables = run.task.init(jax.random.key(config.seed), batch)
-    return {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-            "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": run.tx.init(variables["params"]),
-            "rng": jax.random.key_data(jax.random.key(config.seed + 1))}
-
-  state = fresh(sample_batch)
-  if config.get("init_checkpoint"):
-    state["params"] = tasks.load_pretrained(config, state["params"])
+  # One compilation, instead of one per optimiser-state leaf.
+  state = jax.jit(lambda b: fresh_state(run, b))(sample_batch)
+  if run.config.get("init_checkpoint"):
+    state["params"] = tasks.load_pretrained(run.config, state["params"])
     state["opt_state"] = jax.jit(run.tx.init)(state["params"])
   return state
 
 
-def abstract(tree: Any) -> Any:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+def state_structure(run: Run, sample_batch: dict[str, np.ndarray]) -> State:
+  """Shapes and dtypes of the state, without computing (or compiling) anything."""
+  return jax.eval_shape(lambda b: fresh_state(run, b), sample_batch)
 
 
 def device_keys(task: tasks.Task, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -180,17 +182,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   kwargs = train_data_kwargs(config, run.process_batch_size)
   train_iter = data_lib.make_pipeline(config.dataset, config.train_split,
                                       num_threads=config.get("data_threads", 0), **kwargs)
-  sample = data_lib.make_dataset(config.dataset, config.train_split, num_epochs=1, **kwargs)[0]
-  state = init_state(run, device_keys(run.task, sample))
+  sample = device_keys(run.task, data_lib.make_dataset(
+      config.dataset, config.train_split, num_epochs=1, **kwargs)[0])
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                               every_steps=config.checkpoint_every_steps,
                               keep=config.keep_checkpoints)
-  restored = checkpointer.restore_latest(abstract(state))
+  restored = checkpointer.restore_latest(state_structure(run, sample))
   start_step = 0
   if restored is not None:
     start_step, state, extra = restored
     train_iter.set_state(extra["data"])
     logging.info("resumed from step %d", start_step)
+  else:
+    state = init_state(run, sample)
   state = run.parallel.place_state(state)
 
   step_fn = run.parallel.compile_step(make_train_step(run))
@@ -261,11 +265,10 @@ def load_final(workdir: str, config: ml_collections.ConfigDict | None = None
   run = build(config)
   kwargs = train_data_kwargs(config, run.process_batch_size)
   sample = data_lib.make_dataset(config.dataset, config.train_split, num_epochs=1, **kwargs)[0]
-  state = init_state(run, device_keys(run.task, sample))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1 << 30,
                               handle_sigterm=False)
   try:
-    restored = checkpointer.restore_latest(abstract(state))
+    restored = checkpointer.restore_latest(state_structure(run, device_keys(run.task, sample)))
   finally:
     checkpointer.close()
   if restored is None:
