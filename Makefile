@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 # 2 workers: CI has 2 cores. Tests that need 8 simulated devices set XLA_FLAGS themselves.
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadfile -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/masks.py
