@@ -259,6 +259,17 @@ class Checkpointer:
     """The steps on disk, oldest first (intact or not: checked only by ``restore_latest``)."""
     return list(self._manager.all_steps())
 
+  def save_due(self, step: int, *, force: bool = False) -> bool:
+    """Whether :meth:`maybe_save` would save at ``step``, without needing the state.
+
+    Lets a trainer build its host copy of the state only when a save is due. It
+    also takes part in the multi-process preemption sync point, so every process
+    must call it at every step (as it would call ``maybe_save``).
+    """
+    if self._multiprocess and not self._preempted and self._manager.reached_preemption(step):
+      self._preempted = True
+    return bool(force or self._preempted or step % self.every_steps == 0)
+
   def maybe_save(self, step: int, state, extra: dict | None = None, *,
                  force: bool = False) -> bool:
     """Saves ``state`` and ``extra`` if ``step`` is on cadence, forced, or after SIGTERM.
@@ -288,9 +299,7 @@ class Checkpointer:
     step = operator.index(step)
     if self._closed:
       raise RuntimeError("maybe_save: the Checkpointer is closed")
-    if self._multiprocess and not self._preempted and self._manager.reached_preemption(step):
-      self._preempted = True
-    if not (force or self._preempted or step % self.every_steps == 0):
+    if not self.save_due(step, force=force):
       return False
     steps = self._manager.all_steps()
     if step == self._restored_step and step in steps:

@@ -231,13 +231,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, "eval", last_eval)
         progress.message(f"eval at step {step} (epoch {step / run.steps_per_epoch:.2f}): " +
                          ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-      # Read the flag once: a SIGTERM landing later is handled at the next step.
-      preempted = checkpointer.preempted
-      # Only build the host copy when a save is due (pmap slicing is not free).
-      if step % config.checkpoint_every_steps == 0 or step == run.total_steps or preempted:
+      # The host copy of the state is built only when a save is due. A SIGTERM that
+      # lands after `save_due` is handled at the next step.
+      due = checkpointer.save_due(step, force=step == run.total_steps)
+      if due:
         checkpointer.maybe_save(step, run.parallel.host_state(state), {"data": data_state},
-                                force=step == run.total_steps)
-      if preempted:
+                                force=True)
+      if due and checkpointer.preempted:
         status = "preempted"
         progress.message(f"SIGTERM: checkpoint saved at step {step}; exiting")
         break

@@ -270,3 +270,13 @@ def test_preempted_run_resumes_to_the_same_result(tmp_path):
   assert run(tmp_path / "a", stop_at=10) is None
   assert step_dirs(tmp_path / "a") == [7, 10]
   assert_bitwise_equal(run(tmp_path / "a"), run(tmp_path / "b"))
+
+
+def test_save_due_matches_maybe_save_cadence(tmp_path):
+  state = {"w": np.arange(4, dtype=np.float32)}
+  with Checkpointer(tmp_path / "ckpt", every_steps=3, keep=5, handle_sigterm=False) as ckpt:
+    for step in range(1, 8):
+      due = ckpt.save_due(step)
+      assert due == (step % 3 == 0)
+      assert ckpt.maybe_save(step, state) == due
+    assert ckpt.save_due(7, force=True)
