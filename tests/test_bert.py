@@ -31,7 +31,8 @@ def transformers():
     mp.setenv("HF_HUB_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_OFFLINE", "1")
     mp.setenv("TRANSFORMERS_VERBOSITY", "error")
-    yield pytest.importorskip("transformers")
+    import transformers  # pylint: disable=import-outside-toplevel  # test-only pin
+    yield transformers
 
 
 def hf_state_dict(flax_params):
@@ -65,7 +66,7 @@ def batch(seed=0, length=9):
 def through_safetensors(tmp_path, hf_model, ours):
   """Writes the HF model's weights with PyTorch names and loads them into ``ours``."""
   file = tmp_path / "model.safetensors"
-  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  import safetensors.numpy as safetensors_numpy  # pylint: disable=import-outside-toplevel
   state = hf_state_dict(hf_model.params)
   safetensors_numpy.save_file(state, str(file))
   return convert.load_bert(file, convert.bert_abstract_params(ours)), state

@@ -6,12 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
 
 from cram_jax.models import bert as B
 from cram_jax.models import convert
 from cram_jax.models import resnet
-
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 CONFIG = B.BertConfig(vocab_size=37, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=12, max_position_embeddings=16, type_vocab_size=2)

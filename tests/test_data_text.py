@@ -57,7 +57,7 @@ def take(iterator, n):
 
 @pytest.mark.parametrize('lowercase', [True, False])
 def test_tokenizer_matches_transformers_bert_tokenizer(vocab_file, lowercase):
-    transformers = pytest.importorskip('transformers')
+    import transformers  # pylint: disable=import-outside-toplevel  # test-only pin
     oracle = transformers.BertTokenizer(vocab_file, do_lower_case=lowercase)
     ours = data.wordpiece_tokenizer(vocab_file, lowercase=lowercase)
     pairs = [
