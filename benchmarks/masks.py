@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from cram_jax import compress
@@ -115,7 +114,7 @@ def main():
            median_seconds(by_top_k, (params,), args.repeats)),
           ("2:4, all-pairs rank (ours)", median_seconds(nm_ours, (nm_params,), args.repeats)),
           ("2:4, double argsort", median_seconds(nm_argsort, (nm_params,), args.repeats))]
-  print(f"\n| mask | median (s) | vs ours |\n|---|---:|---:|")
+  print("\n| mask | median (s) | vs ours |\n|---|---:|---:|")
   for name, t in rows:
     ref = rows[0][1] if name.startswith("global") else rows[3][1]
     print(f"| {name} | {t:.4f} | {t / ref:.1f}x |")

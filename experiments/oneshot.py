@@ -24,7 +24,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax
 import ml_collections
 import numpy as np
 
@@ -140,7 +139,7 @@ def markdown_table(results: Sequence[Result], metric: str) -> str:
   labels = list(dict.fromkeys(r.compression for r in results))
   methods = list(dict.fromkeys(r.method for r in results))
   value = {(r.method, r.compression): r.metrics.get(metric, float("nan")) for r in results}
-  lines = [f"| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+  lines = ["| method | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
   for m in methods:
     lines.append(f"| {m} | " + " | ".join(f"{100 * value.get((m, l), float('nan')):.2f}"
                                           for l in labels) + " |")
