@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint format bench install clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,17 @@ demo: $(STAMP)
 	$(PY) experiments/demo.py
 
 # 2 workers: CI has 2 cores. Tests that need 8 simulated devices set XLA_FLAGS themselves.
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest -n 2 --dist loadfile -q tests
+
+# One style, checked before the tests run: `make format` fixes what it can.
+lint: $(STAMP)
+	$(VENV)/bin/pyink --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+
+format: $(STAMP)
+	$(VENV)/bin/pyink --quiet .
+	$(VENV)/bin/ruff check --quiet --fix .
 
 bench: $(STAMP)
 	$(PY) benchmarks/masks.py

@@ -34,7 +34,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +46,21 @@ import cram_jax
 from cram_jax import compress
 from cram_jax.models import ResNet20
 
-SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # SPEC section 7, ResNet-20 Multi run
+SPARSITIES = [
+    0.3,
+    0.4,
+    0.5,
+    0.6,
+    0.7,
+    0.8,
+    0.9,
+]  # SPEC section 7, ResNet-20 Multi run
 CRAM_RHO = 0.2
 SAM_RHO = 0.05
 METHODS = ("SGD", "SAM", "CrAM+-Multi")
 TIME_TARGET = 1.05  # CrAM+ step time <= 1.05x SAM's
 MEM_TARGET_COPIES = 1.0  # CrAM+ peak <= SAM peak + one parameter copy
-MiB = 2.0 ** 20
+MiB = 2.0**20
 RSS_ROUNDS = 3
 RSS_PAUSE_S = 0.3
 
@@ -84,52 +93,85 @@ def _reset_peak_rss() -> bool:
 
 
 def base_optimizer() -> optax.GradientTransformation:
-  return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+  return optax.chain(
+      optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)
+  )
 
 
-def build_steps(model: Any) -> dict[str, tuple[optax.GradientTransformation, Callable]]:
+def build_steps(
+    model: Any,
+) -> dict[str, tuple[optax.GradientTransformation, Callable]]:
   """``{name: (tx, step)}``; ``step(params, batch_stats, opt_state, x, y)``."""
 
   def loss_fn(params, batch_stats, images, labels):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images,
-                                  train=True, mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    logits, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        images,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits, labels
+    ).mean()
     return loss, updates["batch_stats"]
 
   def second_pass_grad(params, batch_stats, images, labels):
     # Train-mode BatchNorm, statistics of this pass thrown away.
-    return jax.grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)[0]
+    return jax.grad(loss_fn, has_aux=True)(params, batch_stats, images, labels)[
+        0
+    ]
 
   sgd = base_optimizer()
-  sam = optax.contrib.sam(base_optimizer(),
-                          optax.chain(optax.contrib.normalize(), optax.sgd(SAM_RHO)),
-                          sync_period=2, opaque_mode=True)
-  cram = cram_jax.cram(base_optimizer(), compress.global_magnitude(SPARSITIES), rho=CRAM_RHO)
+  sam = optax.contrib.sam(
+      base_optimizer(),
+      optax.chain(optax.contrib.normalize(), optax.sgd(SAM_RHO)),
+      sync_period=2,
+      opaque_mode=True,
+  )
+  cram = cram_jax.cram(
+      base_optimizer(), compress.global_magnitude(SPARSITIES), rho=CRAM_RHO
+  )
 
   def make(name, tx):
     def step(params, batch_stats, opt_state, images, labels):
       # Clean pass: its BatchNorm statistics are the ones kept, in every method.
       (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, batch_stats, images, labels)
+          params, batch_stats, images, labels
+      )
       if name == "SGD":
         updates, opt_state = tx.update(grads, opt_state, params)
       elif name == "SAM":
         updates, opt_state = tx.update(
-            grads, opt_state, params,
-            grad_fn=lambda p, _: second_pass_grad(p, batch_stats, images, labels))
+            grads,
+            opt_state,
+            params,
+            grad_fn=lambda p, _: second_pass_grad(
+                p, batch_stats, images, labels
+            ),
+        )
       else:
         updates, opt_state = tx.update(
-            grads, opt_state, params,
-            grad_fn=lambda p: second_pass_grad(p, batch_stats, images, labels))
+            grads,
+            opt_state,
+            params,
+            grad_fn=lambda p: second_pass_grad(p, batch_stats, images, labels),
+        )
       return optax.apply_updates(params, updates), new_stats, opt_state, loss
+
     return step
 
-  return {"SGD": (sgd, make("SGD", sgd)), "SAM": (sam, make("SAM", sam)),
-          "CrAM+-Multi": (cram, make("CrAM+-Multi", cram))}
+  return {
+      "SGD": (sgd, make("SGD", sgd)),
+      "SAM": (sam, make("SAM", sam)),
+      "CrAM+-Multi": (cram, make("CrAM+-Multi", cram)),
+  }
 
 
 def tree_bytes(tree: Any) -> int:
-  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+  return sum(
+      int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+  )
 
 
 def fresh_copy(tree: Any) -> Any:
@@ -151,8 +193,13 @@ def xla_peak(stats: Any) -> dict[str, int]:
   out = stats.output_size_in_bytes
   alias = stats.alias_size_in_bytes
   temp = stats.temp_size_in_bytes
-  return {"argument": arg, "output": out, "alias": alias, "temp": temp,
-          "peak": arg + out - alias + temp}
+  return {
+      "argument": arg,
+      "output": out,
+      "alias": alias,
+      "temp": temp,
+      "peak": arg + out - alias + temp,
+  }
 
 
 def median_time(fn: Callable[[int], Any], repeats: int, warmup: int) -> float:
@@ -171,10 +218,16 @@ def median_time(fn: Callable[[int], Any], repeats: int, warmup: int) -> float:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--repeats", type=int, default=15, help="timed steps per method")
-  parser.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
+  parser.add_argument(
+      "--repeats", type=int, default=15, help="timed steps per method"
+  )
+  parser.add_argument(
+      "--warmup", type=int, default=3, help="untimed steps per method first"
+  )
   parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--seed", type=int, default=0, help="seed of the random batch and init")
+  parser.add_argument(
+      "--seed", type=int, default=0, help="seed of the random batch and init"
+  )
   args = parser.parse_args()
   if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
     parser.error("need --repeats >= 1, --warmup >= 0, --batch-size >= 1")
@@ -182,7 +235,9 @@ def main():
   load_start = os.getloadavg()[0]
 
   rng = np.random.default_rng(args.seed)
-  images = jnp.asarray(rng.standard_normal((args.batch_size, 32, 32, 3), dtype=np.float32))
+  images = jnp.asarray(
+      rng.standard_normal((args.batch_size, 32, 32, 3), dtype=np.float32)
+  )
   labels = jnp.asarray(rng.integers(0, 10, args.batch_size), jnp.int32)
   model = ResNet20(num_classes=10)
   variables = model.init(jax.random.key(args.seed), images[:1], train=False)
@@ -190,13 +245,17 @@ def main():
   param_bytes = tree_bytes(params)
   n_params = sum(x.size for x in jax.tree.leaves(params))
 
-  print(f"ResNet-20, batch {args.batch_size}x32x32x3, 10 classes, random data (seed "
-        f"{args.seed}); {n_params:,} params, one copy = {param_bytes:,} B "
-        f"({param_bytes / MiB:.2f} MiB)")
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU(s) "
-        f"({platform.processor() or platform.machine()}); load average at start "
-        f"{load_start:.2f}; {args.warmup} warm-up + {args.repeats} timed steps per "
-        f"method, interleaved in rounds")
+  print(
+      f"ResNet-20, batch {args.batch_size}x32x32x3, 10 classes, random data (seed "
+      f"{args.seed}); {n_params:,} params, one copy = {param_bytes:,} B "
+      f"({param_bytes / MiB:.2f} MiB)"
+  )
+  print(
+      f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU(s) "
+      f"({platform.processor() or platform.machine()}); load average at start "
+      f"{load_start:.2f}; {args.warmup} warm-up + {args.repeats} timed steps per "
+      f"method, interleaved in rounds"
+  )
 
   # Compile each step once; the timed calls go straight to these executables.
   steps = build_steps(model)
@@ -205,12 +264,19 @@ def main():
     tx, step = steps[name]
     opt_state = tx.init(params)
     start = time.perf_counter()
-    exe = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
-        params, batch_stats, opt_state, images, labels).compile()
+    exe = (
+        jax.jit(step, donate_argnums=(0, 1, 2))
+        .lower(params, batch_stats, opt_state, images, labels)
+        .compile()
+    )
     compile_s[name] = time.perf_counter() - start
     compiled[name] = exe
     memory[name] = xla_peak(exe.memory_analysis())
-    state[name] = (fresh_copy(params), fresh_copy(batch_stats), fresh_copy(opt_state))
+    state[name] = (
+        fresh_copy(params),
+        fresh_copy(batch_stats),
+        fresh_copy(opt_state),
+    )
 
   wall = {n: [] for n in METHODS}
   cpu = {n: [] for n in METHODS}
@@ -237,7 +303,9 @@ def main():
         time.sleep(RSS_PAUSE_S)
         _reset_peak_rss()
         before = _proc_status_kib("VmRSS")
-        out = jax.block_until_ready(compiled[name](*state[name], images, labels))
+        out = jax.block_until_ready(
+            compiled[name](*state[name], images, labels)
+        )
         rss[name].append((_proc_status_kib("VmHWM") - before) * 1024)
         state[name] = out[:3]
 
@@ -245,71 +313,112 @@ def main():
   compressor = compress.global_magnitude(SPARSITIES)
   compress_exe = jax.jit(compressor).lower(params, jax.random.key(0)).compile()
   keys = jax.random.split(jax.random.key(1), 64)
-  compress_s = median_time(lambda i: compress_exe(params, keys[i % len(keys)]),
-                           2 * args.repeats + 5, args.warmup + 5)
+  compress_s = median_time(
+      lambda i: compress_exe(params, keys[i % len(keys)]),
+      2 * args.repeats + 5,
+      args.warmup + 5,
+  )
 
   for name in METHODS:
-    assert all(np.isfinite(losses[name])), f"{name}: non-finite loss {losses[name]}"
+    assert all(
+        np.isfinite(losses[name])
+    ), f"{name}: non-finite loss {losses[name]}"
 
   med = {n: statistics.median(wall[n]) for n in METHODS}
   cpu_med = {n: statistics.median(cpu[n]) for n in METHODS}
   rss_med = {n: statistics.median(rss[n]) if rss[n] else None for n in METHODS}
 
-  print("\n| method | step median (s) | min-max (s) | CPU s/step | vs SGD | temp (MiB) | "
-        "XLA peak (MiB) | peak RSS growth (MiB) | compile (s) |")
+  print(
+      "\n| method | step median (s) | min-max (s) | CPU s/step | vs SGD | temp (MiB) | "
+      "XLA peak (MiB) | peak RSS growth (MiB) | compile (s) |"
+  )
   print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
   for name in METHODS:
     m = memory[name]
-    rss_cell = f"{rss_med[name] / MiB:.1f}" if rss_med[name] is not None else "n/a"
-    print(f"| {name} | {med[name]:.3f} | {min(wall[name]):.3f}-{max(wall[name]):.3f} | "
-          f"{cpu_med[name]:.2f} | {med[name] / med['SGD']:.2f}x | {m['temp'] / MiB:.2f} | "
-          f"{m['peak'] / MiB:.2f} | {rss_cell} | {compile_s[name]:.1f} |")
-  print(f"| compression alone (global_magnitude mask, jitted) | {compress_s:.4f} | | | "
-        f"{compress_s / med['SGD']:.3f}x | | | | |")
+    rss_cell = (
+        f"{rss_med[name] / MiB:.1f}" if rss_med[name] is not None else "n/a"
+    )
+    print(
+        f"| {name} | {med[name]:.3f} | {min(wall[name]):.3f}-{max(wall[name]):.3f} | "
+        f"{cpu_med[name]:.2f} | {med[name] / med['SGD']:.2f}x | {m['temp'] / MiB:.2f} | "
+        f"{m['peak'] / MiB:.2f} | {rss_cell} | {compile_s[name]:.1f} |"
+    )
+  print(
+      f"| compression alone (global_magnitude mask, jitted) | {compress_s:.4f} | | | "
+      f"{compress_s / med['SGD']:.3f}x | | | | |"
+  )
 
-  print("\nXLA peak = argument + output - alias + temp (bytes; alias = outputs written into "
-        "the donated params/batch_stats/opt_state, counted in both argument and output):")
+  print(
+      "\nXLA peak = argument + output - alias + temp (bytes; alias = outputs written into "
+      "the donated params/batch_stats/opt_state, counted in both argument and output):"
+  )
   for name in METHODS:
     m = memory[name]
-    print(f"  {name:12s} {m['argument']:>11,} + {m['output']:>10,} - {m['alias']:>10,} + "
-          f"{m['temp']:>12,} = {m['peak']:>12,}")
+    print(
+        f"  {name:12s} {m['argument']:>11,} + {m['output']:>10,} - {m['alias']:>10,} + "
+        f"{m['temp']:>12,} = {m['peak']:>12,}"
+    )
 
   cram_name = "CrAM+-Multi"
   mem_copies = (memory[cram_name]["peak"] - memory["SAM"]["peak"]) / param_bytes
 
-  def paired(a, b):  # median over rounds of a/b; the steps of one round are neighbours in time
+  def paired(
+      a, b
+  ):  # median over rounds of a/b; the steps of one round are neighbours in time
     return statistics.median(x / y for x, y in zip(wall[a], wall[b]))
 
-  print("\n| ratio | per-round wall ratio, median | ratio of wall medians | "
-        "ratio of fastest steps | ratio of CPU-time medians |\n|---|---:|---:|---:|---:|")
+  print(
+      "\n| ratio | per-round wall ratio, median | ratio of wall medians | "
+      "ratio of fastest steps | ratio of CPU-time medians |\n|---|---:|---:|---:|---:|"
+  )
   for a, b in ((cram_name, "SAM"), (cram_name, "SGD"), ("SAM", "SGD")):
-    print(f"| {a.split('-')[0]} / {b} step | {paired(a, b):.3f}x | {med[a] / med[b]:.3f}x | "
-          f"{min(wall[a]) / min(wall[b]):.3f}x | {cpu_med[a] / cpu_med[b]:.3f}x |")
-  print(f"| compression / CrAM+ step | {compress_s / med[cram_name]:.2%} | | | |")
-  print(f"\nCrAM+ peak - SAM peak: XLA {memory[cram_name]['peak'] - memory['SAM']['peak']:+,} B "
-        f"= {mem_copies:+.3f} parameter copies", end="")
+    print(
+        f"| {a.split('-')[0]} / {b} step | {paired(a, b):.3f}x | {med[a] / med[b]:.3f}x | "
+        f"{min(wall[a]) / min(wall[b]):.3f}x | {cpu_med[a] / cpu_med[b]:.3f}x |"
+    )
+  print(
+      f"| compression / CrAM+ step | {compress_s / med[cram_name]:.2%} | | | |"
+  )
+  print(
+      f"\nCrAM+ peak - SAM peak: XLA {memory[cram_name]['peak'] - memory['SAM']['peak']:+,} B "
+      f"= {mem_copies:+.3f} parameter copies",
+      end="",
+  )
   if rss_med[cram_name] is not None:
     rss_copies = (rss_med[cram_name] - rss_med["SAM"]) / param_bytes
-    print(f"; RSS growth {rss_med[cram_name] - rss_med['SAM']:+,.0f} B = {rss_copies:+.2f} "
-          f"copies (page-granular, allocator-dependent: informative only)")
+    print(
+        f"; RSS growth {rss_med[cram_name] - rss_med['SAM']:+,.0f} B = {rss_copies:+.2f} "
+        f"copies (page-granular, allocator-dependent: informative only)"
+    )
   else:
     print("; RSS: /proc/self/clear_refs not writable here, not measured")
 
   t_wall = paired(cram_name, "SAM")
   t_cpu = cpu_med[cram_name] / cpu_med["SAM"]
-  verdict = lambda ok: "met" if ok else "MISSED"
-  print(f"\ntargets:\n  CrAM+ step time <= {TIME_TARGET:.2f}x SAM's, wall (median of per-round "
-        f"ratios): {t_wall:.3f}x ({verdict(t_wall <= TIME_TARGET)}); process CPU time (ratio "
-        f"of medians): {t_cpu:.3f}x ({verdict(t_cpu <= TIME_TARGET)})")
-  print(f"  CrAM+ peak <= SAM peak + {MEM_TARGET_COPIES:g} parameter copy (XLA): "
-        f"{mem_copies:+.3f} copies ({verdict(mem_copies <= MEM_TARGET_COPIES)})")
+
+  def verdict(ok):
+    return "met" if ok else "MISSED"
+
+  print(
+      f"\ntargets:\n  CrAM+ step time <= {TIME_TARGET:.2f}x SAM's, wall (median of per-round "
+      f"ratios): {t_wall:.3f}x ({verdict(t_wall <= TIME_TARGET)}); process CPU time (ratio "
+      f"of medians): {t_cpu:.3f}x ({verdict(t_cpu <= TIME_TARGET)})"
+  )
+  print(
+      f"  CrAM+ peak <= SAM peak + {MEM_TARGET_COPIES:g} parameter copy (XLA): "
+      f"{mem_copies:+.3f} copies ({verdict(mem_copies <= MEM_TARGET_COPIES)})"
+  )
   load = max(load_start, os.getloadavg()[0])
   if load > (os.cpu_count() or 1):
-    print(f"  note: load average up to {load:.1f} on {os.cpu_count()} CPU(s): other jobs shared "
-          f"the cores, so wall-clock ratios carry a few % of noise here (CPU time much less); "
-          f"rerun on an idle machine to settle a wall-clock ratio near the target")
-  print(f"load average at end {os.getloadavg()[0]:.2f}; "
-        f"total {time.perf_counter() - t_start:.0f} s")
+    print(
+        f"  note: load average up to {load:.1f} on {os.cpu_count()} CPU(s): other jobs shared "
+        f"the cores, so wall-clock ratios carry a few % of noise here (CPU time much less); "
+        f"rerun on an idle machine to settle a wall-clock ratio near the target"
+    )
+  print(
+      f"load average at end {os.getloadavg()[0]:.2f}; "
+      f"total {time.perf_counter() - t_start:.0f} s"
+  )
 
 
 if __name__ == "__main__":

@@ -3,18 +3,54 @@
 Train with :func:`cram`, prune once with :func:`prune`, re-estimate BatchNorm
 statistics with :func:`recalibrate_batch_stats`.
 """
-from cram_jax.batchnorm import calibration_batches, recalibrate_batch_stats, reset_batch_stats
-from cram_jax.compress import (Selection, apply_masks, check_masks, fake_quantize,
-                               global_magnitude, layerwise_magnitude, n_of_m, nm_mask, quantize,
-                               random_choice)
+
+from cram_jax.batchnorm import (
+    calibration_batches,
+    recalibrate_batch_stats,
+    reset_batch_stats,
+)
+from cram_jax.compress import (
+    Selection,
+    apply_masks,
+    check_masks,
+    fake_quantize,
+    global_magnitude,
+    layerwise_magnitude,
+    n_of_m,
+    nm_mask,
+    quantize,
+    random_choice,
+)
 from cram_jax.cram import CrAMState, cram
-from cram_jax.prune import LeafSparsity, SparsityReport, keep_pruned, prune, sparsity_report
+from cram_jax.prune import (
+    LeafSparsity,
+    SparsityReport,
+    keep_pruned,
+    prune,
+    sparsity_report,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CrAMState", "LeafSparsity", "Selection", "SparsityReport", "apply_masks",
-    "calibration_batches", "check_masks", "cram", "fake_quantize", "global_magnitude",
-    "keep_pruned", "layerwise_magnitude", "n_of_m", "nm_mask", "prune", "quantize",
-    "random_choice", "recalibrate_batch_stats", "reset_batch_stats", "sparsity_report",
+    "CrAMState",
+    "LeafSparsity",
+    "Selection",
+    "SparsityReport",
+    "apply_masks",
+    "calibration_batches",
+    "check_masks",
+    "cram",
+    "fake_quantize",
+    "global_magnitude",
+    "keep_pruned",
+    "layerwise_magnitude",
+    "n_of_m",
+    "nm_mask",
+    "prune",
+    "quantize",
+    "random_choice",
+    "recalibrate_batch_stats",
+    "reset_batch_stats",
+    "sparsity_report",
 ]

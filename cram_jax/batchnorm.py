@@ -37,13 +37,20 @@ def reset_batch_stats(batch_stats: Any) -> Any:
 
   out = jax.tree_util.tree_map_with_path(reset, batch_stats)
   if not found:
-    raise ValueError("reset_batch_stats: no 'mean'/'var' leaves found in batch_stats")
+    raise ValueError(
+        "reset_batch_stats: no 'mean'/'var' leaves found in batch_stats"
+    )
   return out
 
 
-def recalibrate_batch_stats(model: nn.Module, variables: Mapping[str, Any],
-                            batches: Iterable[Any], *, reset: bool = True,
-                            apply_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def recalibrate_batch_stats(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    reset: bool = True,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
   """Re-estimates ``batch_stats`` of a Linen model; parameters are untouched.
 
   Each batch runs ``model.apply(variables, batch, **apply_kwargs,
@@ -64,8 +71,10 @@ def recalibrate_batch_stats(model: nn.Module, variables: Mapping[str, Any],
     A new variables dict with re-estimated ``batch_stats``.
   """
   if "batch_stats" not in variables:
-    raise ValueError("recalibrate_batch_stats: variables have no 'batch_stats' collection "
-                     f"(collections: {sorted(variables)})")
+    raise ValueError(
+        "recalibrate_batch_stats: variables have no 'batch_stats' collection "
+        f"(collections: {sorted(variables)})"
+    )
   kwargs = dict(apply_kwargs if apply_kwargs is not None else {"train": True})
   frozen = {k: v for k, v in variables.items() if k != "batch_stats"}
   stats = variables["batch_stats"]
@@ -76,9 +85,11 @@ def recalibrate_batch_stats(model: nn.Module, variables: Mapping[str, Any],
   count = 0
   for batch in batches:
     if isinstance(batch, Mapping):
-      raise TypeError("recalibrate_batch_stats: batches must be model inputs (an array or a "
-                      "tuple of positional inputs), got a mapping with keys "
-                      f"{sorted(batch)}; map it first, e.g. (b['image'] for b in batches)")
+      raise TypeError(
+          "recalibrate_batch_stats: batches must be model inputs (an array or a "
+          "tuple of positional inputs), got a mapping with keys "
+          f"{sorted(batch)}; map it first, e.g. (b['image'] for b in batches)"
+      )
     inputs = tuple(batch) if isinstance(batch, tuple) else (batch,)
     stats = step(frozen, stats, inputs)
     count += 1
@@ -94,30 +105,47 @@ def _recalibration_step(model: nn.Module, kwargs: tuple[tuple[str, Any], ...]):
 
   @jax.jit
   def step(frozen, stats, inputs):
-    _, updated = model.apply({**frozen, "batch_stats": stats}, *inputs, mutable=["batch_stats"],
-                             **dict(kwargs))
+    _, updated = model.apply(
+        {**frozen, "batch_stats": stats},
+        *inputs,
+        mutable=["batch_stats"],
+        **dict(kwargs),
+    )
     return updated["batch_stats"]
 
   return step
 
 
-def calibration_batches(images: np.ndarray, *, num_images: int = 1000, num_batches: int = 100,
-                        batch_size: int = 128, seed: int = 0,
-                        augment: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None
-                        = None) -> Iterator[np.ndarray]:
+def calibration_batches(
+    images: np.ndarray,
+    *,
+    num_images: int = 1000,
+    num_batches: int = 100,
+    batch_size: int = 128,
+    seed: int = 0,
+    augment: (
+        Callable[[np.ndarray, np.random.Generator], np.ndarray] | None
+    ) = None,
+) -> Iterator[np.ndarray]:
   """Batches for BN tuning: ``num_batches`` batches drawn from a random subset.
 
   Picks ``num_images`` training images once, then cycles through them in shuffled passes
   (with the training ``augment(batch, rng)`` applied, if given), as the paper does.
   """
   if num_images < 1 or num_batches < 1 or batch_size < 1:
-    raise ValueError(f"calibration_batches: num_images, num_batches and batch_size must be "
-                     f">= 1, got {num_images}, {num_batches}, {batch_size}")
+    raise ValueError(
+        f"calibration_batches: num_images, num_batches and batch_size must be "
+        f">= 1, got {num_images}, {num_batches}, {batch_size}"
+    )
   rng = np.random.default_rng(seed)
-  subset = rng.choice(len(images), size=min(num_images, len(images)), replace=False)
+  subset = rng.choice(
+      len(images), size=min(num_images, len(images)), replace=False
+  )
   order = np.empty(0, np.int64)
   for _ in range(num_batches):
-    while len(order) < batch_size:  # cycle through the subset in fresh shuffles, like epochs
+    while (
+        len(order) < batch_size
+    ):  # cycle through the subset in fresh shuffles, like epochs
       order = np.concatenate([order, rng.permutation(subset)])
     batch, order = images[order[:batch_size]], order[batch_size:]
     yield augment(batch, rng) if augment is not None else batch

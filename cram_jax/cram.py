@@ -35,6 +35,7 @@ class CrAMState(NamedTuple):
       level (kept raw so checkpoints and ``optax.tree`` utilities see plain arrays).
     inner_state: state of the wrapped optimizer.
   """
+
   count: jax.Array
   key: jax.Array
   inner_state: optax.OptState
@@ -44,16 +45,18 @@ def _pmean(tree: Any, axis_name: str | None) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
-def cram(optimizer: optax.GradientTransformation,
-         compressor: base.Compressor,
-         *,
-         rho: ScalarOrSchedule,
-         plus: bool = True,
-         sparse_grad: bool = True,
-         normalize: bool = False,
-         key: int | jax.Array = 0,
-         batch_axis_name: str | None = None,
-         local_perturbation: bool = False) -> optax.GradientTransformationExtraArgs:
+def cram(
+    optimizer: optax.GradientTransformation,
+    compressor: base.Compressor,
+    *,
+    rho: ScalarOrSchedule,
+    plus: bool = True,
+    sparse_grad: bool = True,
+    normalize: bool = False,
+    key: int | jax.Array = 0,
+    batch_axis_name: str | None = None,
+    local_perturbation: bool = False,
+) -> optax.GradientTransformationExtraArgs:
   """Compression-Aware Minimization around any optax optimizer.
 
   ``update(grads, state, params, *, grad_fn, **extra_args)`` takes the clean
@@ -95,48 +98,81 @@ def cram(optimizer: optax.GradientTransformation,
     params = optax.apply_updates(params, updates)
   """
   if not callable(compressor):
-    raise TypeError(f"cram: compressor must be callable (params, key) -> (params, masks), "
-                    f"got {compressor!r}")
+    raise TypeError(
+        f"cram: compressor must be callable (params, key) -> (params, masks), "
+        f"got {compressor!r}"
+    )
   if not callable(rho) and not isinstance(rho, jax.core.Tracer):
     if not float(rho) >= 0.0:
-      raise ValueError(f"cram: rho must be a non-negative number or a schedule, got {rho!r}")
+      raise ValueError(
+          f"cram: rho must be a non-negative number or a schedule, got {rho!r}"
+      )
   if local_perturbation and batch_axis_name is None:
-    raise ValueError("cram: local_perturbation=True needs batch_axis_name (the replica axis)")
+    raise ValueError(
+        "cram: local_perturbation=True needs batch_axis_name (the replica axis)"
+    )
   inner = optax.with_extra_args_support(optimizer)
   seed_key = jax.random.key_data(base.as_key(key))
 
   def init_fn(params: optax.Params) -> CrAMState:
-    return CrAMState(count=jnp.zeros((), jnp.int32), key=jnp.asarray(seed_key),
-                     inner_state=inner.init(params))
+    return CrAMState(
+        count=jnp.zeros((), jnp.int32),
+        key=jnp.asarray(seed_key),
+        inner_state=inner.init(params),
+    )
 
-  def update_fn(updates: optax.Updates, state: CrAMState, params: optax.Params | None = None,
-                *, grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
-                **extra_args: Any) -> tuple[optax.Updates, CrAMState]:
+  def update_fn(
+      updates: optax.Updates,
+      state: CrAMState,
+      params: optax.Params | None = None,
+      *,
+      grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
+      **extra_args: Any,
+  ) -> tuple[optax.Updates, CrAMState]:
     if params is None:
-      raise ValueError("cram: update needs params (the point the gradient was taken at)")
+      raise ValueError(
+          "cram: update needs params (the point the gradient was taken at)"
+      )
     if grad_fn is None:
-      raise ValueError("cram: update needs grad_fn=, the loss gradient on the same minibatch: "
-                       "tx.update(grads, state, params, grad_fn=grad_fn)")
+      raise ValueError(
+          "cram: update needs grad_fn=, the loss gradient on the same minibatch: "
+          "tx.update(grads, state, params, grad_fn=grad_fn)"
+      )
     clean = _pmean(updates, batch_axis_name)
     direction = updates if local_perturbation else clean
     if normalize:
       norm = optax_tree.norm(direction)
-      direction = jax.tree.map(lambda g: g / (norm + 1e-12).astype(g.dtype), direction)
+      direction = jax.tree.map(
+          lambda g: g / (norm + 1e-12).astype(g.dtype), direction
+      )
     step_rho = rho(state.count) if callable(rho) else rho
-    perturbed = jax.tree.map(lambda x, g: (x + step_rho * g).astype(x.dtype), params, direction)
+    perturbed = jax.tree.map(
+        lambda x, g: (x + step_rho * g).astype(x.dtype), params, direction
+    )
 
     key, level_key = jax.random.split(jax.random.wrap_key_data(state.key))
     compressed, masks = compressor(perturbed, level_key)
     compressed_grads = _pmean(grad_fn(compressed), batch_axis_name)
     if jax.tree.structure(compressed_grads) != jax.tree.structure(params):
-      raise ValueError("cram: grad_fn(params) must return gradients shaped like params, got "
-                       f"{jax.tree.structure(compressed_grads)}")
+      raise ValueError(
+          "cram: grad_fn(params) must return gradients shaped like params, got "
+          f"{jax.tree.structure(compressed_grads)}"
+      )
     if sparse_grad:
       compressed_grads = base.apply_masks(masks, compressed_grads)
-    cram_grads = (jax.tree.map(jnp.add, compressed_grads, clean) if plus else compressed_grads)
+    cram_grads = (
+        jax.tree.map(jnp.add, compressed_grads, clean)
+        if plus
+        else compressed_grads
+    )
 
-    new_updates, inner_state = inner.update(cram_grads, state.inner_state, params, **extra_args)
-    return new_updates, CrAMState(count=optax.safe_increment(state.count),
-                                  key=jax.random.key_data(key), inner_state=inner_state)
+    new_updates, inner_state = inner.update(
+        cram_grads, state.inner_state, params, **extra_args
+    )
+    return new_updates, CrAMState(
+        count=optax.safe_increment(state.count),
+        key=jax.random.key_data(key),
+        inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

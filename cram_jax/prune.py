@@ -14,8 +14,9 @@ from cram_jax.compress import base
 from cram_jax.compress import select as select_lib
 
 
-def prune(params: Any, compressor: base.Compressor, *, key: Any = None,
-          **kwargs: Any) -> tuple[Any, Any]:
+def prune(
+    params: Any, compressor: base.Compressor, *, key: Any = None, **kwargs: Any
+) -> tuple[Any, Any]:
   """Compresses ``params`` once; returns ``(pruned_params, masks)``.
 
   The compressor is jit-compiled (and cached by JAX per compressor object), so a
@@ -53,6 +54,7 @@ class SparsityReport:
   The reference code divides by all parameters; papers often quote the prunable
   fraction only. Both are here, named.
   """
+
   rows: tuple[LeafSparsity, ...]
 
   @property
@@ -80,20 +82,31 @@ class SparsityReport:
     return self.total_zeros / max(self.total_size, 1)
 
   def __str__(self) -> str:
-    lines = ["| leaf | shape | size | zeros | sparsity | prunable |",
-             "|---|---|---:|---:|---:|:---:|"]
+    lines = [
+        "| leaf | shape | size | zeros | sparsity | prunable |",
+        "|---|---|---:|---:|---:|:---:|",
+    ]
     for r in self.rows:
-      lines.append(f"| {r.path} | {r.shape} | {r.size} | {r.zeros} | {r.sparsity:.4f} | "
-                   f"{'yes' if r.prunable else ''} |")
-    lines.append(f"| **prunable** | | {self.prunable_size} | {self.prunable_zeros} | "
-                 f"{self.prunable_sparsity:.4f} | |")
-    lines.append(f"| **all parameters** | | {self.total_size} | {self.total_zeros} | "
-                 f"{self.total_sparsity:.4f} | |")
+      lines.append(
+          f"| {r.path} | {r.shape} | {r.size} | {r.zeros} | {r.sparsity:.4f} | "
+          f"{'yes' if r.prunable else ''} |"
+      )
+    lines.append(
+        f"| **prunable** | | {self.prunable_size} | {self.prunable_zeros} | "
+        f"{self.prunable_sparsity:.4f} | |"
+    )
+    lines.append(
+        f"| **all parameters** | | {self.total_size} | {self.total_zeros} | "
+        f"{self.total_sparsity:.4f} | |"
+    )
     return "\n".join(lines)
 
 
-def sparsity_report(params: Any, masks: Any = None,
-                    select: select_lib.Selector = select_lib.DEFAULT) -> SparsityReport:
+def sparsity_report(
+    params: Any,
+    masks: Any = None,
+    select: select_lib.Selector = select_lib.DEFAULT,
+) -> SparsityReport:
   """Counts exact zeros in every leaf of ``params``.
 
   Args:
@@ -105,24 +118,34 @@ def sparsity_report(params: Any, masks: Any = None,
   """
   if masks is not None:
     base.check_masks(params, masks, owner="sparsity_report")
-    prunable = jax.tree.map(lambda m, _: m is not None, masks, params,
-                            is_leaf=lambda x: x is None)
+    prunable = jax.tree.map(
+        lambda m, _: m is not None, masks, params, is_leaf=lambda x: x is None
+    )
   else:
     prunable = select_lib.selection_tree(params, select)
   zero_counts = jax.device_get(jax.tree.map(lambda x: jnp.sum(x == 0), params))
   rows = []
-  for (path, x), zeros, is_prunable in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                           jax.tree.leaves(zero_counts),
-                                           jax.tree.leaves(prunable)):
+  for (path, x), zeros, is_prunable in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0],
+      jax.tree.leaves(zero_counts),
+      jax.tree.leaves(prunable),
+  ):
     shape = tuple(jnp.shape(x))
-    rows.append(LeafSparsity(path=select_lib.path_str(path), shape=shape,
-                             size=int(np.prod(shape)), zeros=int(zeros),
-                             prunable=bool(is_prunable)))
+    rows.append(
+        LeafSparsity(
+            path=select_lib.path_str(path),
+            shape=shape,
+            size=int(np.prod(shape)),
+            zeros=int(zeros),
+            prunable=bool(is_prunable),
+        )
+    )
   return SparsityReport(rows=tuple(rows))
 
 
-def keep_pruned(optimizer: optax.GradientTransformation,
-                masks: Any) -> optax.GradientTransformationExtraArgs:
+def keep_pruned(
+    optimizer: optax.GradientTransformation, masks: Any
+) -> optax.GradientTransformationExtraArgs:
   """Fine-tunes with ``optimizer`` while pruned weights stay exactly zero.
 
   Gradients of pruned weights are zeroed before the wrapped optimizer sees them
@@ -142,11 +165,19 @@ def keep_pruned(optimizer: optax.GradientTransformation,
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError("keep_pruned: update needs params, to hold pruned weights at zero")
-    updates, state = inner.update(base.apply_masks(masks, updates), state, params, **extra_args)
+      raise ValueError(
+          "keep_pruned: update needs params, to hold pruned weights at zero"
+      )
+    updates, state = inner.update(
+        base.apply_masks(masks, updates), state, params, **extra_args
+    )
     held = jax.tree.map(
         lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
-        masks, updates, params, is_leaf=lambda x: x is None)
+        masks,
+        updates,
+        params,
+        is_leaf=lambda x: x is None,
+    )
     return held, state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

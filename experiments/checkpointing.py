@@ -71,7 +71,9 @@ _log = logging.getLogger(__name__)
 
 _FORMAT = "cram_jax.checkpointing/1"
 _STATE, _MANIFEST = "state", "manifest"
-_QUARANTINE = "corrupt"  # not a step name, so orbax never lists what is moved here
+_QUARANTINE = (
+    "corrupt"  # not a step name, so orbax never lists what is moved here
+)
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -96,7 +98,9 @@ def _shape_dtype(x) -> tuple[list[int], str]:
 
 def _sha256(x: np.ndarray) -> str:
   # View as bytes: extension dtypes such as bfloat16 do not export a buffer.
-  return hashlib.sha256(np.ascontiguousarray(x).reshape(-1).view(np.uint8)).hexdigest()
+  return hashlib.sha256(
+      np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+  ).hexdigest()
 
 
 def _canonical_json(extra: dict) -> str:
@@ -105,10 +109,15 @@ def _canonical_json(extra: dict) -> str:
 
 def _leaf_digests(leaves: list) -> list[str | None]:
   """sha256 of every leaf's raw bytes; None for a leaf this process cannot see in full."""
-  hashable = [not (isinstance(x, jax.Array) and not x.is_fully_addressable) for x in leaves]
+  hashable = [
+      not (isinstance(x, jax.Array) and not x.is_fully_addressable)
+      for x in leaves
+  ]
   # One batched device-to-host copy, then hash in threads (hashlib releases the GIL).
   host = jax.device_get([x for x, ok in zip(leaves, hashable) if ok])
-  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+  with concurrent.futures.ThreadPoolExecutor(
+      min(8, os.cpu_count() or 1)
+  ) as pool:
     digests = iter(pool.map(lambda x: _sha256(np.asarray(x)), host))
   return [next(digests) if ok else None for ok in hashable]
 
@@ -121,15 +130,22 @@ def _manifest(state, extra: dict, *, verify: bool) -> dict:
   for path, x in zip(paths, leaves):
     dtype = getattr(x, "dtype", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-      raise TypeError(f"maybe_save: leaf {path!r} is a typed PRNG key; store "
-                      "jax.random.key_data(key) (raw uint32) instead")
+      raise TypeError(
+          f"maybe_save: leaf {path!r} is a typed PRNG key; store "
+          "jax.random.key_data(key) (raw uint32) instead"
+      )
   digests = _leaf_digests(leaves) if verify else [None] * len(leaves)
   return {
       "format": _FORMAT,
-      "leaves": [{"path": path, "shape": shape, "dtype": dtype, "sha256": digest}
-                 for path, (shape, dtype), digest in
-                 zip(paths, map(_shape_dtype, leaves), digests)],
-      "extra_sha256": hashlib.sha256(_canonical_json(extra).encode()).hexdigest(),
+      "leaves": [
+          {"path": path, "shape": shape, "dtype": dtype, "sha256": digest}
+          for path, (shape, dtype), digest in zip(
+              paths, map(_shape_dtype, leaves), digests
+          )
+      ],
+      "extra_sha256": hashlib.sha256(
+          _canonical_json(extra).encode()
+      ).hexdigest(),
   }
 
 
@@ -137,18 +153,32 @@ def _check_abstract(step: int, manifest: dict, abstract_state) -> None:
   """Raises _StateMismatchError if ``abstract_state`` differs from the saved leaves."""
   with_path, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
   wanted = {_leaf_path(p): _shape_dtype(x) for p, x in with_path}
-  saved = {leaf["path"]: (leaf["shape"], leaf["dtype"]) for leaf in manifest["leaves"]}
-  problems = [f"leaf {p!r} is in abstract_state but not in the checkpoint"
-              for p in wanted if p not in saved]
-  problems += [f"leaf {p!r} is in the checkpoint but not in abstract_state"
-               for p in saved if p not in wanted]
-  problems += [f"leaf {p!r} is {saved[p][1]}{tuple(saved[p][0])} in the checkpoint but "
-               f"{wanted[p][1]}{tuple(wanted[p][0])} in abstract_state"
-               for p in wanted if p in saved and saved[p] != wanted[p]]
+  saved = {
+      leaf["path"]: (leaf["shape"], leaf["dtype"])
+      for leaf in manifest["leaves"]
+  }
+  problems = [
+      f"leaf {p!r} is in abstract_state but not in the checkpoint"
+      for p in wanted
+      if p not in saved
+  ]
+  problems += [
+      f"leaf {p!r} is in the checkpoint but not in abstract_state"
+      for p in saved
+      if p not in wanted
+  ]
+  problems += [
+      f"leaf {p!r} is {saved[p][1]}{tuple(saved[p][0])} in the checkpoint but "
+      f"{wanted[p][1]}{tuple(wanted[p][0])} in abstract_state"
+      for p in wanted
+      if p in saved and saved[p] != wanted[p]
+  ]
   if problems:
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-    raise _StateMismatchError(f"restore_latest: abstract_state does not match the checkpoint "
-                              f"at step {step}: " + "; ".join(problems[:3]) + more)
+    raise _StateMismatchError(
+        f"restore_latest: abstract_state does not match the checkpoint "
+        f"at step {step}: " + "; ".join(problems[:3]) + more
+    )
 
 
 def _verify(manifest: dict, state, extra: dict) -> None:
@@ -164,15 +194,22 @@ def _verify(manifest: dict, state, extra: dict) -> None:
       raise _StateMismatchError(
           f"restore_latest: leaf {path!r} was saved as {saved[path]['dtype']}"
           f"{tuple(saved[path]['shape'])} but restored as {dtype}{tuple(shape)} "
-          "(is jax_enable_x64 set as when saving?)")
+          "(is jax_enable_x64 set as when saving?)"
+      )
   if any(leaf["sha256"] is not None for leaf in manifest["leaves"]):
     for path, digest in zip(paths, _leaf_digests(leaves)):
       expected = saved[path]["sha256"]
       if expected is not None and digest is not None and digest != expected:
         raise CorruptCheckpointError(
-            f"leaf {path!r} does not match the sha256 recorded at save time")
-  if hashlib.sha256(_canonical_json(extra).encode()).hexdigest() != manifest["extra_sha256"]:
-    raise CorruptCheckpointError("`extra` does not match the sha256 recorded at save time")
+            f"leaf {path!r} does not match the sha256 recorded at save time"
+        )
+  if (
+      hashlib.sha256(_canonical_json(extra).encode()).hexdigest()
+      != manifest["extra_sha256"]
+  ):
+    raise CorruptCheckpointError(
+        "`extra` does not match the sha256 recorded at save time"
+    )
 
 
 def _positive_int(name: str, value) -> int:
@@ -181,7 +218,9 @@ def _positive_int(name: str, value) -> int:
   except TypeError:
     pass
   if not isinstance(value, int) or value < 1:
-    raise ValueError(f"Checkpointer: {name} must be an integer >= 1, got {value!r}")
+    raise ValueError(
+        f"Checkpointer: {name} must be an integer >= 1, got {value!r}"
+    )
   return value
 
 
@@ -204,13 +243,22 @@ class Checkpointer:
     ValueError: if ``every_steps`` or ``keep`` is below 1.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, every_steps: int, keep: int = 3,
-               handle_sigterm: bool = True, verify: bool = True):
+  def __init__(
+      self,
+      directory: str | os.PathLike,
+      *,
+      every_steps: int,
+      keep: int = 3,
+      handle_sigterm: bool = True,
+      verify: bool = True,
+  ):
     every_steps = _positive_int("every_steps", every_steps)
     keep = _positive_int("keep", keep)
     directory = os.fspath(directory)
     # tensorstore rejects relative paths; URLs (gs://...) are absolute already.
-    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    self.directory = epath.Path(
+        directory if "://" in directory else os.path.abspath(directory)
+    )
     self.every_steps = every_steps
     self.keep = keep
     self.verify = verify
@@ -224,7 +272,8 @@ class Checkpointer:
             # Half-written <step>.orbax-checkpoint-tmp dirs of a killed save.
             cleanup_tmp_directories=True,
             create=True,
-        ))
+        ),
+    )
     self._multiprocess = jax.process_count() > 1
     self._preempted = False
     self._restored_step: int | None = None
@@ -237,18 +286,25 @@ class Checkpointer:
 
   def _install_sigterm_handler(self) -> None:
     if self._multiprocess:
-      _log.info("Checkpointer: %d processes, relying on JAX's preemption sync point "
-                "instead of a SIGTERM handler", jax.process_count())
+      _log.info(
+          "Checkpointer: %d processes, relying on JAX's preemption sync point "
+          "instead of a SIGTERM handler",
+          jax.process_count(),
+      )
       return
     if threading.current_thread() is not threading.main_thread():
-      _log.warning("Checkpointer: not on the main thread, SIGTERM handler not installed")
+      _log.warning(
+          "Checkpointer: not on the main thread, SIGTERM handler not installed"
+      )
       return
     self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
     self._installed = True
 
   def _on_sigterm(self, signum, frame) -> None:
     del signum, frame
-    self._preempted = True  # Nothing else: no I/O or locks inside a signal handler.
+    self._preempted = (
+        True  # Nothing else: no I/O or locks inside a signal handler.
+    )
 
   @property
   def preempted(self) -> bool:
@@ -266,12 +322,17 @@ class Checkpointer:
     also takes part in the multi-process preemption sync point, so every process
     must call it at every step (as it would call ``maybe_save``).
     """
-    if self._multiprocess and not self._preempted and self._manager.reached_preemption(step):
+    if (
+        self._multiprocess
+        and not self._preempted
+        and self._manager.reached_preemption(step)
+    ):
       self._preempted = True
     return bool(force or self._preempted or step % self.every_steps == 0)
 
-  def maybe_save(self, step: int, state, extra: dict | None = None, *,
-                 force: bool = False) -> bool:
+  def maybe_save(
+      self, step: int, state, extra: dict | None = None, *, force: bool = False
+  ) -> bool:
     """Saves ``state`` and ``extra`` if ``step`` is on cadence, forced, or after SIGTERM.
 
     Every process of a multi-host run must call this with the same ``step``.
@@ -308,22 +369,37 @@ class Checkpointer:
       raise ValueError(
           f"maybe_save: step {step} is not newer than the latest checkpoint (step "
           f"{max(steps)}) in {self.directory}; call restore_latest() before training, "
-          "or use a fresh directory")
+          "or use a fresh directory"
+      )
     extra = {} if extra is None else extra
     try:
       # Round trip now so a bad `extra` fails before anything is written, and the
       # digest covers exactly what restore will read back.
       extra = json.loads(json.dumps(extra))
     except (TypeError, ValueError) as e:
-      raise TypeError(f"maybe_save: extra must be JSON-serialisable: {e}") from e
+      raise TypeError(
+          f"maybe_save: extra must be JSON-serialisable: {e}"
+      ) from e
     manifest = _manifest(state, extra, verify=self.verify)
-    self._manager.save(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(state),
-        _MANIFEST: ocp.args.JsonSave({"extra": extra, "checkpoint": manifest}),
-    }), force=True)
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(state),
+                _MANIFEST: ocp.args.JsonSave(
+                    {"extra": extra, "checkpoint": manifest}
+                ),
+            }
+        ),
+        force=True,
+    )
     self._manager.wait_until_finished()
     if self._preempted:
-      _log.warning("Checkpointer: saved step %d after preemption in %s", step, self.directory)
+      _log.warning(
+          "Checkpointer: saved step %d after preemption in %s",
+          step,
+          self.directory,
+      )
     return True
 
   def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
@@ -356,9 +432,11 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         # orbax/tensorstore raise many types for missing or mangled files.
         failed.append((step, e))
-        message = (f"Checkpointer: checkpoint at step {step} in {self.directory} is "
-                   f"corrupted or incomplete ({type(e).__name__}: {e}); falling back to "
-                   "the previous checkpoint")
+        message = (
+            f"Checkpointer: checkpoint at step {step} in {self.directory} is "
+            f"corrupted or incomplete ({type(e).__name__}: {e}); falling back to "
+            "the previous checkpoint"
+        )
         warnings.warn(message, RuntimeWarning, stacklevel=2)
         _log.warning(message)
         continue
@@ -374,13 +452,19 @@ class Checkpointer:
   def _restore_step(self, step: int, abstract_state) -> tuple[Any, dict]:
     # The manifest first: a mismatched abstract_state must not look like corruption.
     saved = self._manager.restore(
-        step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()}))[_MANIFEST]
+        step, args=ocp.args.Composite(**{_MANIFEST: ocp.args.JsonRestore()})
+    )[_MANIFEST]
     manifest = saved["checkpoint"]
     if manifest.get("format") != _FORMAT:
-      raise CorruptCheckpointError(f"unknown manifest format {manifest.get('format')!r}")
+      raise CorruptCheckpointError(
+          f"unknown manifest format {manifest.get('format')!r}"
+      )
     _check_abstract(step, manifest, abstract_state)
     state = self._manager.restore(
-        step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
+        step,
+        args=ocp.args.Composite(
+            **{_STATE: ocp.args.StandardRestore(abstract_state)}
+        ),
     )[_STATE]
     _verify(manifest, state, saved["extra"])
     return state, saved["extra"]
@@ -393,11 +477,14 @@ class Checkpointer:
       for step in steps:
         destination = target / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         (self.directory / str(step)).rename(destination)
-        _log.warning("Checkpointer: moved corrupted step %d to %s", step, destination)
+        _log.warning(
+            "Checkpointer: moved corrupted step %d to %s", step, destination
+        )
     # Barrier names must be unique within a run and equal on every process.
     self._barriers += 1
     ocp.multihost.sync_global_processes(
-        f"cram_jax_checkpointing_quarantine_{self._barriers}_{'_'.join(map(str, steps))}")
+        f"cram_jax_checkpointing_quarantine_{self._barriers}_{'_'.join(map(str, steps))}"
+    )
     self._manager.reload()
 
   def close(self) -> None:
@@ -414,11 +501,17 @@ class Checkpointer:
 
   def _restore_sigterm_handler(self) -> None:
     # None: the previous handler was not installed from Python; use the default.
-    previous = signal.SIG_DFL if self._previous_handler is None else self._previous_handler
+    previous = (
+        signal.SIG_DFL
+        if self._previous_handler is None
+        else self._previous_handler
+    )
     try:
       signal.signal(signal.SIGTERM, previous)
     except ValueError:  # signal.signal only works on the main thread.
-      _log.warning("Checkpointer.close: not on the main thread, SIGTERM handler left installed")
+      _log.warning(
+          "Checkpointer.close: not on the main thread, SIGTERM handler left installed"
+      )
     else:
       self._installed = False
 

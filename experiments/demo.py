@@ -22,7 +22,9 @@ import time
 import warnings
 
 if __package__ in (None, ""):  # run as a script: make `experiments` importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(
+      0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
 
 from absl import logging as absl_logging
 
@@ -36,8 +38,11 @@ def main(argv=None) -> dict[str, str]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join("outputs", "demo"))
   parser.add_argument("--epochs", type=int, default=30)
-  parser.add_argument("--resume", action="store_true",
-                      help="keep finished or interrupted runs in --out instead of starting over")
+  parser.add_argument(
+      "--resume",
+      action="store_true",
+      help="keep finished or interrupted runs in --out instead of starting over",
+  )
   args = parser.parse_args(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS is chatty
   logging.getLogger("absl").setLevel(logging.ERROR)
@@ -59,11 +64,16 @@ def main(argv=None) -> dict[str, str]:
     workdirs.append(workdir)
 
   print("\n== one-shot sweep (BatchNorm re-estimated on 1000 training images)")
-  sweep_args = sum((["--workdir", w] for w in workdirs), []) + ["--out", args.out]
+  sweep_args = sum((["--workdir", w] for w in workdirs), []) + [
+      "--out",
+      args.out,
+  ]
   paths = oneshot.main(sweep_args)
-  print(f"\nDone in {time.perf_counter() - start:.0f} s. Outputs in {args.out}/: "
-        f"oneshot.md (table), oneshot.csv, oneshot.png (plot); per-run metrics.jsonl, "
-        f"metrics.csv, summary.json and checkpoints/ under {', '.join(workdirs)}.")
+  print(
+      f"\nDone in {time.perf_counter() - start:.0f} s. Outputs in {args.out}/: "
+      f"oneshot.md (table), oneshot.csv, oneshot.png (plot); per-run metrics.jsonl, "
+      f"metrics.csv, summary.json and checkpoints/ under {', '.join(workdirs)}."
+  )
   return paths
 
 

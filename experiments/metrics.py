@@ -46,8 +46,15 @@ class Progress:
   """`step 120/1000 [12%] 3.1 step/s 397 ex/s loss 0.41` on one line (a TTY) or
   one line per report (a log file)."""
 
-  def __init__(self, total_steps: int, batch_size: int, *, start_step: int = 0,
-               stream: TextIO | None = None, enabled: bool = True):
+  def __init__(
+      self,
+      total_steps: int,
+      batch_size: int,
+      *,
+      start_step: int = 0,
+      stream: TextIO | None = None,
+      enabled: bool = True,
+  ):
     self.total = total_steps
     self.batch_size = batch_size
     self.stream = stream or sys.stdout
@@ -61,11 +68,16 @@ class Progress:
     elapsed = max(now - self._last_time, 1e-9)
     rate = (step - self._last_step) / elapsed
     self._last_step, self._last_time = step, now
-    rates = {"steps_per_second": rate, "examples_per_second": rate * self.batch_size}
+    rates = {
+        "steps_per_second": rate,
+        "examples_per_second": rate * self.batch_size,
+    }
     if self.enabled:
       shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-      line = (f"step {step}/{self.total} [{100 * step / max(self.total, 1):3.0f}%] "
-              f"{rate:.2f} step/s {rate * self.batch_size:.0f} ex/s {shown}")
+      line = (
+          f"step {step}/{self.total} [{100 * step / max(self.total, 1):3.0f}%] "
+          f"{rate:.2f} step/s {rate * self.batch_size:.0f} ex/s {shown}"
+      )
       self.stream.write(("\r" + line) if self.tty else line + "\n")
       self.stream.flush()
     return rates

@@ -29,8 +29,9 @@ from cram_jax import compress
 NAMES = ("sgd", "adamw", "sam", "cram", "cram+", "cram+-multi", "cram+-nm")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
   """Linear warm-up, then cosine decay to 0; stepped per epoch when
   `config.schedule_per_epoch` (the reference), else per step."""
   base_lr = config.learning_rate
@@ -43,8 +44,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
     if per_epoch:  # constant within an epoch, value of its first step
       position = jnp.floor(position / steps_per_epoch) * steps_per_epoch
     # Warm-up reaches base_lr at the end of the warm-up (epoch e gets (e+1)/warmup).
-    warm = base_lr * jnp.minimum(1.0, (position + (steps_per_epoch if per_epoch else 1))
-                                 / max(warmup, 1))
+    warm = base_lr * jnp.minimum(
+        1.0, (position + (steps_per_epoch if per_epoch else 1)) / max(warmup, 1)
+    )
     progress = jnp.clip((position - warmup) / max(total - warmup, 1), 0.0, 1.0)
     cosine = 0.5 * base_lr * (1.0 + jnp.cos(math.pi * progress))
     return jnp.where(position < warmup, warm, cosine)
@@ -57,20 +59,33 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda x: jnp.ndim(x) >= 2, params)
 
 
-def base_optimizer(config: ml_collections.ConfigDict, name: str,
-                   schedule: optax.Schedule) -> optax.GradientTransformation:
+def base_optimizer(
+    config: ml_collections.ConfigDict, name: str, schedule: optax.Schedule
+) -> optax.GradientTransformation:
   if name == "sgd":
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.get("momentum", 0.9)))
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.get("momentum", 0.9)),
+    )
   if name == "adamw":
-    return optax.adamw(schedule, b1=config.get("b1", 0.9), b2=config.get("b2", 0.999),
-                       eps=config.get("eps", 1e-8), weight_decay=config.weight_decay,
-                       mask=_decay_mask)
-  raise ValueError(f"base_optimizer: {name!r} is not a base optimiser; use 'sgd' or 'adamw'")
+    return optax.adamw(
+        schedule,
+        b1=config.get("b1", 0.9),
+        b2=config.get("b2", 0.999),
+        eps=config.get("eps", 1e-8),
+        weight_decay=config.weight_decay,
+        mask=_decay_mask,
+    )
+  raise ValueError(
+      f"base_optimizer: {name!r} is not a base optimiser; use 'sgd' or 'adamw'"
+  )
 
 
-def compressor_for(config: ml_collections.ConfigDict, name: str,
-                   select: compress.Selection | None = None):
+def compressor_for(
+    config: ml_collections.ConfigDict,
+    name: str,
+    select: compress.Selection | None = None,
+):
   """The compressor CrAM uses during training, for optimiser `name`."""
   select = select or compress.Selection()
   if name in ("cram", "cram+"):
@@ -79,14 +94,22 @@ def compressor_for(config: ml_collections.ConfigDict, name: str,
     return compress.global_magnitude(list(config.sparsities), select=select)
   if name == "cram+-nm":
     # A layer whose input axis does not divide by M (the RGB stem) stays dense.
-    return compress.random_choice([compress.n_of_m(n, m, on_indivisible="skip", select=select)
-                                   for n, m in config.nm_patterns])
+    return compress.random_choice(
+        [
+            compress.n_of_m(n, m, on_indivisible="skip", select=select)
+            for n, m in config.nm_patterns
+        ]
+    )
   raise ValueError(f"compressor_for: {name!r} is not a CrAM optimiser")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
-                   select: compress.Selection | None = None,
-                   batch_axis_name: str | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+    steps_per_epoch: int,
+    *,
+    select: compress.Selection | None = None,
+    batch_axis_name: str | None = None,
+) -> optax.GradientTransformation:
   """Builds `config.optimizer` (see the module table).
 
   Args:
@@ -105,11 +128,22 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, *,
   base = base_optimizer(config, config.get("base_optimizer", "sgd"), schedule)
   if name == "sam":
     ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.rho))
-    return optax.contrib.sam(base, ascent, sync_period=2, opaque_mode=True,
-                             batch_axis_name=batch_axis_name)
-  return cram_jax.cram(base, compressor_for(config, name, select), rho=config.rho,
-                       plus=name != "cram", key=config.seed, batch_axis_name=batch_axis_name,
-                       local_perturbation=bool(config.get("local_perturbation", False)))
+    return optax.contrib.sam(
+        base,
+        ascent,
+        sync_period=2,
+        opaque_mode=True,
+        batch_axis_name=batch_axis_name,
+    )
+  return cram_jax.cram(
+      base,
+      compressor_for(config, name, select),
+      rho=config.rho,
+      plus=name != "cram",
+      key=config.seed,
+      batch_axis_name=batch_axis_name,
+      local_perturbation=bool(config.get("local_perturbation", False)),
+  )
 
 
 def uses_second_gradient(name: str) -> bool:

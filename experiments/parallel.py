@@ -31,8 +31,11 @@ def initialize_distributed(config) -> None:
   dist = config.get("distributed")
   if not dist or not dist.get("enabled", False):
     return
-  kwargs = {k: dist[k] for k in ("coordinator_address", "num_processes", "process_id")
-            if dist.get(k) is not None}
+  kwargs = {
+      k: dist[k]
+      for k in ("coordinator_address", "num_processes", "process_id")
+      if dist.get(k) is not None
+  }
   jax.distributed.initialize(**kwargs)
 
 
@@ -60,8 +63,12 @@ class MeshParallel:
 
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Each process contributes its local rows; together they form the global batch.
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(
+            self.batch_sharding, np.asarray(v)
+        )
+        for k, v in batch.items()
+    }
 
   def compile_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
     return jax.jit(step, donate_argnums=(0,))
@@ -81,7 +88,9 @@ class PmapParallel:
   def __init__(self, devices=None):
     self.devices = list(devices if devices is not None else jax.local_devices())
     # pmap's own layout in this JAX: leading axis split over a 1-D mesh of its devices.
-    self._stacked = NamedSharding(Mesh(np.asarray(self.devices), (AXIS,)), PartitionSpec(AXIS))
+    self._stacked = NamedSharding(
+        Mesh(np.asarray(self.devices), (AXIS,)), PartitionSpec(AXIS)
+    )
 
   @property
   def num_replicas(self) -> int:
@@ -97,6 +106,7 @@ class PmapParallel:
     def replicate(x):
       stacked = np.broadcast_to(np.asarray(x), (n,) + np.shape(x))
       return jax.device_put(stacked, self._sharding(stacked.shape))
+
     return jax.tree.map(replicate, state)
 
   def host_state(self, state: Any) -> Any:
@@ -108,8 +118,10 @@ class PmapParallel:
     for k, v in batch.items():
       v = np.asarray(v)
       if v.shape[0] % n:
-        raise ValueError(f"pmap: batch key '{k}' has {v.shape[0]} rows, not a multiple of "
-                         f"{n} devices")
+        raise ValueError(
+            f"pmap: batch key '{k}' has {v.shape[0]} rows, not a multiple of "
+            f"{n} devices"
+        )
       v = v.reshape((n, v.shape[0] // n) + v.shape[1:])
       out[k] = jax.device_put(v, self._sharding(v.shape))
     return out
@@ -122,13 +134,18 @@ class PmapParallel:
 
   def fetch(self, tree: Any) -> Any:
     """Device outputs back to the host, per-replica rows flattened into the batch."""
-    return jax.tree.map(lambda x: np.asarray(x).reshape((-1,) + x.shape[2:])
-                        if np.ndim(x) >= 2 else np.asarray(x), jax.device_get(tree))
+    return jax.tree.map(
+        lambda x: np.asarray(x).reshape((-1,) + x.shape[2:])
+        if np.ndim(x) >= 2
+        else np.asarray(x),
+        jax.device_get(tree),
+    )
 
 
 def _first_shard(x: Any) -> np.ndarray:
   """This process's first shard of `x` as NumPy: the whole value when replicated,
-  replica 0's row under pmap. Reading one shard avoids a slicing program per leaf."""
+  replica 0's row under pmap. Reading one shard avoids a slicing program per leaf.
+  """
   if isinstance(x, jax.Array):
     return np.asarray(x.addressable_shards[0].data)
   return np.asarray(x)
@@ -143,15 +160,21 @@ def make_parallel(config) -> MeshParallel | PmapParallel:
   elif mode == "pmap":
     devices = jax.local_devices()
   else:
-    raise ValueError(f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'")
+    raise ValueError(
+        f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'"
+    )
   if count:
     if count > len(devices):
-      raise ValueError(f"config.num_devices={count} but only {len(devices)} devices exist")
+      raise ValueError(
+          f"config.num_devices={count} but only {len(devices)} devices exist"
+      )
     devices = devices[:count]
   if mode == "jit":
     return MeshParallel(devices)
   return PmapParallel(devices)
-  raise ValueError(f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'")
+  raise ValueError(
+      f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'"
+  )
 
 
 def mean_over_replicas(tree: Any, axis_name: str | None) -> Any:
@@ -168,12 +191,18 @@ class DevicePrefetcher:
 
   _DONE = object()
 
-  def __init__(self, iterator: Iterator[dict[str, np.ndarray]],
-               place: Callable[[dict[str, np.ndarray]], Any], size: int = 2):
+  def __init__(
+      self,
+      iterator: Iterator[dict[str, np.ndarray]],
+      place: Callable[[dict[str, np.ndarray]], Any],
+      size: int = 2,
+  ):
     self._queue: queue.Queue = queue.Queue(maxsize=max(size, 1))
     self._stop = threading.Event()
     self._error: BaseException | None = None
-    self._thread = threading.Thread(target=self._run, args=(iterator, place), daemon=True)
+    self._thread = threading.Thread(
+        target=self._run, args=(iterator, place), daemon=True
+    )
     self._thread.start()
 
   def _run(self, iterator, place):

@@ -22,7 +22,12 @@ import optax
 
 from cram_jax import models
 from cram_jax.compress import Selection
-from cram_jax.data import open_source, postprocess_squad, squad_metric, squad_references
+from cram_jax.data import (
+    open_source,
+    postprocess_squad,
+    squad_metric,
+    squad_references,
+)
 
 Batch = Mapping[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -40,6 +45,7 @@ class Task:
     inputs: batch keys fed to the model, in order.
     metric: the headline evaluation metric (e.g. ``accuracy``, ``f1``).
   """
+
   model: nn.Module
   select: Selection
   uniform_select: Selection
@@ -55,7 +61,9 @@ class Task:
 
   def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]:
     sample = tuple(x[:1] for x in self.model_inputs(batch))
-    return dict(self.model.init({"params": rng, "dropout": rng}, *sample, train=False))
+    return dict(
+        self.model.init({"params": rng, "dropout": rng}, *sample, train=False)
+    )
 
   def loss(self, params: Any, batch_stats: Any, batch: Batch, rng: jax.Array):
     """Train-mode loss; returns ``(loss, (new_batch_stats, metrics))``."""
@@ -64,8 +72,13 @@ class Task:
     if self.has_batch_stats:
       variables["batch_stats"] = batch_stats
       mutable = ["batch_stats"]
-    outputs, updates = self.model.apply(variables, *self.model_inputs(batch), train=True,
-                                        mutable=mutable, rngs={"dropout": rng})
+    outputs, updates = self.model.apply(
+        variables,
+        *self.model_inputs(batch),
+        train=True,
+        mutable=mutable,
+        rngs={"dropout": rng},
+    )
     loss, metrics = self.loss_and_metrics(outputs, batch)
     return loss, (updates.get("batch_stats", batch_stats), metrics)
 
@@ -76,33 +89,62 @@ class Task:
 def _classification_loss(logits, batch):
   labels = batch["label"]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss, {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+  return loss, {
+      "loss": loss,
+      "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+  }
 
 
-def vision_task(config: ml_collections.ConfigDict, bn_axis_name: str | None) -> Task:
+def vision_task(
+    config: ml_collections.ConfigDict, bn_axis_name: str | None
+) -> Task:
   factory = getattr(models, config.model, None)
   if factory is None or not callable(factory):
-    raise ValueError(f"config.model={config.model!r} is not a model of cram_jax.models")
-  model = factory(num_classes=config.num_classes, dtype=DTYPES[config.get("dtype", "float32")],
-                  bn_axis_name=bn_axis_name, **dict(config.get("model_kwargs", {})))
+    raise ValueError(
+        f"config.model={config.model!r} is not a model of cram_jax.models"
+    )
+  model = factory(
+      num_classes=config.num_classes,
+      dtype=DTYPES[config.get("dtype", "float32")],
+      bn_axis_name=bn_axis_name,
+      **dict(config.get("model_kwargs", {})),
+  )
 
   def eval_outputs(variables, batch):
     logits = model.apply(variables, batch["image"], train=False)
     weight = batch["mask"].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * weight),
-            "loss": jnp.sum(losses * weight), "count": jnp.sum(weight)}
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["label"]
+    )
+    return {
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * weight),
+        "loss": jnp.sum(losses * weight),
+        "count": jnp.sum(weight),
+    }
 
   def summarise(outputs):
-    total = {k: float(sum(np.sum(o[k]) for o in outputs)) for k in ("correct", "loss", "count")}
+    total = {
+        k: float(sum(np.sum(o[k]) for o in outputs))
+        for k in ("correct", "loss", "count")
+    }
     count = max(total["count"], 1.0)
-    return {"accuracy": total["correct"] / count, "loss": total["loss"] / count,
-            "examples": total["count"]}
+    return {
+        "accuracy": total["correct"] / count,
+        "loss": total["loss"] / count,
+        "examples": total["count"],
+    }
 
-  return Task(model=model, select=models.RESNET_PRUNABLE, uniform_select=models.RESNET_UNIFORM,
-              has_batch_stats=True, inputs=("image",), metric="accuracy",
-              loss_and_metrics=_classification_loss, eval_outputs=eval_outputs,
-              summarise=summarise)
+  return Task(
+      model=model,
+      select=models.RESNET_PRUNABLE,
+      uniform_select=models.RESNET_UNIFORM,
+      has_batch_stats=True,
+      inputs=("image",),
+      metric="accuracy",
+      loss_and_metrics=_classification_loss,
+      eval_outputs=eval_outputs,
+      summarise=summarise,
+  )
 
 
 # ------------------------------------------------------------------ SQuAD
@@ -110,11 +152,16 @@ def vision_task(config: ml_collections.ConfigDict, bn_axis_name: str | None) -> 
 
 def _span_loss(outputs, batch):
   start_logits, end_logits = outputs
-  start = optax.softmax_cross_entropy_with_integer_labels(start_logits, batch["start_positions"])
-  end = optax.softmax_cross_entropy_with_integer_labels(end_logits, batch["end_positions"])
+  start = optax.softmax_cross_entropy_with_integer_labels(
+      start_logits, batch["start_positions"]
+  )
+  end = optax.softmax_cross_entropy_with_integer_labels(
+      end_logits, batch["end_positions"]
+  )
   loss = 0.5 * (start.mean() + end.mean())
-  exact = ((jnp.argmax(start_logits, -1) == batch["start_positions"]) &
-           (jnp.argmax(end_logits, -1) == batch["end_positions"]))
+  exact = (jnp.argmax(start_logits, -1) == batch["start_positions"]) & (
+      jnp.argmax(end_logits, -1) == batch["end_positions"]
+  )
   return loss, {"loss": loss, "span_accuracy": exact.mean()}
 
 
@@ -123,35 +170,59 @@ def bert_config(config: ml_collections.ConfigDict) -> models.BertConfig:
   return preset(**dict(config.bert.get("overrides", {})))
 
 
-def squad_task(config: ml_collections.ConfigDict, bn_axis_name: str | None) -> Task:
+def squad_task(
+    config: ml_collections.ConfigDict, bn_axis_name: str | None
+) -> Task:
   del bn_axis_name  # BERT has no BatchNorm
-  model = models.BertForQuestionAnswering(bert_config(config),
-                                          dtype=DTYPES[config.get("dtype", "float32")])
+  model = models.BertForQuestionAnswering(
+      bert_config(config), dtype=DTYPES[config.get("dtype", "float32")]
+  )
   examples_cache: dict[str, Any] = {}
 
   def eval_outputs(variables, batch):
-    start, end = model.apply(variables, batch["input_ids"], batch["attention_mask"],
-                             batch["token_type_ids"], train=False)
+    start, end = model.apply(
+        variables,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        train=False,
+    )
     return {"start_logits": start, "end_logits": end}
 
   def summarise(outputs):
     if "examples" not in examples_cache:
-      examples_cache["examples"] = open_source(config.dataset, config.eval_split,
-                                               data_dir=config.get("data_dir"))
+      examples_cache["examples"] = open_source(
+          config.dataset, config.eval_split, data_dir=config.get("data_dir")
+      )
     examples = examples_cache["examples"]
     cat = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-    predictions = postprocess_squad(examples, cat["example_index"], cat["offsets"],
-                                    cat["token_is_max_context"], cat["start_logits"],
-                                    cat["end_logits"])
+    predictions = postprocess_squad(
+        examples,
+        cat["example_index"],
+        cat["offsets"],
+        cat["token_is_max_context"],
+        cat["start_logits"],
+        cat["end_logits"],
+    )
     scores = squad_metric.evaluate(predictions, squad_references(examples))
     # Fractions, like accuracy (the official script prints percent).
-    return {"exact_match": scores["exact_match"] / 100, "f1": scores["f1"] / 100,
-            "examples": float(scores["num_questions"])}
+    return {
+        "exact_match": scores["exact_match"] / 100,
+        "f1": scores["f1"] / 100,
+        "examples": float(scores["num_questions"]),
+    }
 
-  return Task(model=model, select=models.BERT_PRUNABLE, uniform_select=models.BERT_PRUNABLE,
-              has_batch_stats=False,
-              inputs=("input_ids", "attention_mask", "token_type_ids"), metric="f1",
-              loss_and_metrics=_span_loss, eval_outputs=eval_outputs, summarise=summarise)
+  return Task(
+      model=model,
+      select=models.BERT_PRUNABLE,
+      uniform_select=models.BERT_PRUNABLE,
+      has_batch_stats=False,
+      inputs=("input_ids", "attention_mask", "token_type_ids"),
+      metric="f1",
+      loss_and_metrics=_span_loss,
+      eval_outputs=eval_outputs,
+      summarise=summarise,
+  )
 
 
 # Batch keys the host keeps next to the eval outputs (for SQuAD's span decoding).
@@ -160,9 +231,13 @@ HOST_EVAL_KEYS = ("example_index", "offsets", "token_is_max_context")
 TASKS = {"vision": vision_task, "squad": squad_task}
 
 
-def make_task(config: ml_collections.ConfigDict, bn_axis_name: str | None = None) -> Task:
+def make_task(
+    config: ml_collections.ConfigDict, bn_axis_name: str | None = None
+) -> Task:
   if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is not one of {sorted(TASKS)}")
+    raise ValueError(
+        f"config.task={config.task!r} is not one of {sorted(TASKS)}"
+    )
   return TASKS[config.task](config, bn_axis_name)
 
 
@@ -171,5 +246,9 @@ def load_pretrained(config: ml_collections.ConfigDict, params: Any) -> Any:
   path = config.get("init_checkpoint")
   if not path:
     return params
-  return models.load_bert(path, params, ignore=models.PRETRAINING_HEADS,
-                          allow_missing=(r"^qa_outputs/",))
+  return models.load_bert(
+      path,
+      params,
+      ignore=models.PRETRAINING_HEADS,
+      allow_missing=(r"^qa_outputs/",),
+  )

@@ -6,23 +6,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cram_jax import calibration_batches, recalibrate_batch_stats, reset_batch_stats
+from cram_jax import (
+    calibration_batches,
+    recalibrate_batch_stats,
+    reset_batch_stats,
+)
 
 
 class Net(nn.Module):
+
   @nn.compact
   def __call__(self, x, train):
     x = nn.Dense(6, name="dense")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn"
+    )(x)
     return nn.Dense(2, name="head")(x)
 
 
 def test_recalibration_is_an_ema_of_batch_moments_and_leaves_params_alone():
   model = Net()
   rng = np.random.default_rng(0)
-  data = [rng.normal(loc=2.0, scale=3.0, size=(16, 5)).astype(np.float32) for _ in range(30)]
+  data = [
+      rng.normal(loc=2.0, scale=3.0, size=(16, 5)).astype(np.float32)
+      for _ in range(30)
+  ]
   variables = model.init(jax.random.key(0), data[0], train=False)
-  stale = jax.tree.map(lambda x: x + 7.0, variables["batch_stats"])  # pretend stale stats
+  stale = jax.tree.map(
+      lambda x: x + 7.0, variables["batch_stats"]
+  )  # pretend stale stats
   variables = {"params": variables["params"], "batch_stats": stale}
 
   new = recalibrate_batch_stats(model, variables, data)
@@ -34,9 +46,15 @@ def test_recalibration_is_an_ema_of_batch_moments_and_leaves_params_alone():
     h = x.astype(np.float64) @ kernel + bias
     mean = 0.9 * mean + 0.1 * h.mean(0)
     var = 0.9 * var + 0.1 * h.var(0)  # biased batch variance, as Flax
-  np.testing.assert_allclose(new["batch_stats"]["bn"]["mean"], mean, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(new["batch_stats"]["bn"]["var"], var, rtol=1e-4, atol=1e-5)
-  jax.tree.map(np.testing.assert_array_equal, new["params"], variables["params"])
+  np.testing.assert_allclose(
+      new["batch_stats"]["bn"]["mean"], mean, rtol=1e-4, atol=1e-5
+  )
+  np.testing.assert_allclose(
+      new["batch_stats"]["bn"]["var"], var, rtol=1e-4, atol=1e-5
+  )
+  jax.tree.map(
+      np.testing.assert_array_equal, new["params"], variables["params"]
+  )
 
 
 def test_reset_and_errors():
@@ -64,7 +82,9 @@ def test_calibration_batches_follow_the_recipe():
   used = np.unique(np.concatenate(out))
   assert len(used) == 1000  # 1000 random images, each seen ~12.8 times
   first_pass = np.concatenate(out)[:1000, 0]
-  assert len(np.unique(first_pass)) == 1000  # shuffled passes, no repeats within one
+  assert (
+      len(np.unique(first_pass)) == 1000
+  )  # shuffled passes, no repeats within one
   again = list(calibration_batches(images, seed=1))
   assert all(np.array_equal(a, b) for a, b in zip(out, again))
   flipped = next(calibration_batches(images, augment=lambda b, rng: -b))

@@ -9,11 +9,17 @@ import pytest
 import safetensors.numpy as safetensors_numpy
 
 from cram_jax.models import bert as B
-from cram_jax.models import convert
-from cram_jax.models import resnet
+from cram_jax.models import convert, resnet
 
-CONFIG = B.BertConfig(vocab_size=37, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=12, max_position_embeddings=16, type_vocab_size=2)
+CONFIG = B.BertConfig(
+    vocab_size=37,
+    hidden_size=8,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=12,
+    max_position_embeddings=16,
+    type_vocab_size=2,
+)
 MODEL = B.BertForQuestionAnswering(CONFIG)
 
 
@@ -24,7 +30,9 @@ def random_like(abstract, seed=0):
   stand in for a real init (which would cost an XLA compile).
   """
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract)
+  return jax.tree.map(
+      lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract
+  )
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +60,23 @@ def assert_trees_equal(a, b):
 def test_export_uses_hugging_face_names_and_layouts(params):
   state = convert.export_bert(params)
   h, ffn = CONFIG.hidden_size, CONFIG.intermediate_size
-  assert state["bert.encoder.layer.0.attention.self.query.weight"].shape == (h, h)
-  assert state["bert.encoder.layer.1.intermediate.dense.weight"].shape == (ffn, h)
+  assert state["bert.encoder.layer.0.attention.self.query.weight"].shape == (
+      h,
+      h,
+  )
+  assert state["bert.encoder.layer.1.intermediate.dense.weight"].shape == (
+      ffn,
+      h,
+  )
   assert state["bert.encoder.layer.1.output.dense.weight"].shape == (h, ffn)
   assert state["bert.embeddings.LayerNorm.weight"].shape == (h,)
   assert state["qa_outputs.weight"].shape == (2, h)
   np.testing.assert_array_equal(
       state["bert.encoder.layer.1.intermediate.dense.weight"],
-      np.asarray(params["bert"]["encoder"]["layer_1"]["intermediate"]["kernel"]).T)
+      np.asarray(
+          params["bert"]["encoder"]["layer_1"]["intermediate"]["kernel"]
+      ).T,
+  )
   # 5 embedding leaves + 16 per layer + 2 for the head; the QA model has no pooler.
   assert len(state) == 5 + 16 * CONFIG.num_hidden_layers + 2
   assert not any(k.startswith("bert.pooler") for k in state)
@@ -75,7 +92,9 @@ def test_round_trip_through_safetensors(hf_file, params, target):
     np.testing.assert_array_equal(again[k], on_disk[k])
 
 
-def test_accepts_missing_bert_prefix_and_legacy_layer_norm_names(hf_file, params, target):
+def test_accepts_missing_bert_prefix_and_legacy_layer_norm_names(
+    hf_file, params, target
+):
   state = safetensors_numpy.load_file(str(hf_file))
   legacy = {}
   for k, v in state.items():
@@ -83,13 +102,19 @@ def test_accepts_missing_bert_prefix_and_legacy_layer_norm_names(hf_file, params
     k = re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", k)
     k = re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)
     legacy[k] = v
-  legacy["embeddings.position_ids"] = np.arange(16)[None]  # old HF buffer, skipped
+  legacy["embeddings.position_ids"] = np.arange(16)[
+      None
+  ]  # old HF buffer, skipped
   assert_trees_equal(convert.import_bert(legacy, target), params)
 
 
 def test_encoder_checkpoint_loads_into_encoder_model(params):
   encoder = B.BertModel(CONFIG, add_pooling_layer=False)
-  state = {k: v for k, v in convert.export_bert(params).items() if k.startswith("bert.")}
+  state = {
+      k: v
+      for k, v in convert.export_bert(params).items()
+      if k.startswith("bert.")
+  }
   loaded = convert.import_bert(state, convert.bert_abstract_params(encoder))
   assert_trees_equal(loaded, params["bert"])
   assert all(not k.startswith("bert.") for k in convert.export_bert(loaded))
@@ -98,21 +123,28 @@ def test_encoder_checkpoint_loads_into_encoder_model(params):
 def test_missing_key_is_named(hf_file, target):
   state = safetensors_numpy.load_file(str(hf_file))
   del state["bert.encoder.layer.1.output.dense.weight"]
-  with pytest.raises(ValueError, match=r"missing keys \(1\): 'bert\.encoder\.layer\.1\.output"
-                     r"\.dense\.weight' \(for 'bert/encoder/layer_1/output/kernel'\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"missing keys \(1\): 'bert\.encoder\.layer\.1\.output"
+      r"\.dense\.weight' \(for 'bert/encoder/layer_1/output/kernel'\)",
+  ):
     convert.import_bert(state, target)
 
 
 def test_unexpected_key_is_named(hf_file, target):
   state = safetensors_numpy.load_file(str(hf_file))
-  state["bert.encoder.layer.2.output.dense.bias"] = np.zeros(8, np.float32)  # a third layer
+  state["bert.encoder.layer.2.output.dense.bias"] = np.zeros(
+      8, np.float32
+  )  # a third layer
   state["cls.predictions.bias"] = np.zeros(37, np.float32)
   with pytest.raises(ValueError) as info:
     convert.import_bert(state, target)
   message = str(info.value)
   assert "unexpected keys (2)" in message
-  assert ("'bert.encoder.layer.2.output.dense.bias' (-> 'bert/encoder/layer_2/output/bias', "
-          "not in the model)") in message
+  assert (
+      "'bert.encoder.layer.2.output.dense.bias' (-> 'bert/encoder/layer_2/output/bias', "
+      "not in the model)"
+  ) in message
   assert "'cls.predictions.bias'" in message
   assert "missing" not in message
   convert.import_bert(state, target, ignore=(r"^cls\.", r"\.layer\.2\."))
@@ -120,14 +152,23 @@ def test_unexpected_key_is_named(hf_file, target):
 
 def test_wrong_shape_names_key_and_both_shapes(hf_file, target):
   state = safetensors_numpy.load_file(str(hf_file))
-  state["bert.encoder.layer.0.attention.self.query.weight"] = np.zeros((8, 9), np.float32)
-  state["qa_outputs.weight"] = np.zeros((8, 2), np.float32)  # forgot the transpose
+  state["bert.encoder.layer.0.attention.self.query.weight"] = np.zeros(
+      (8, 9), np.float32
+  )
+  state["qa_outputs.weight"] = np.zeros(
+      (8, 2), np.float32
+  )  # forgot the transpose
   with pytest.raises(ValueError) as info:
     convert.import_bert(state, target)
   message = str(info.value)
-  assert ("'bert.encoder.layer.0.attention.self.query.weight': checkpoint shape (8, 9), "
-          "model expects (8, 8)") in message
-  assert "'qa_outputs.weight': checkpoint shape (8, 2), model expects (2, 8)" in message
+  assert (
+      "'bert.encoder.layer.0.attention.self.query.weight': checkpoint shape (8, 9), "
+      "model expects (8, 8)"
+  ) in message
+  assert (
+      "'qa_outputs.weight': checkpoint shape (8, 2), model expects (2, 8)"
+      in message
+  )
   assert "wrong shapes (2)" in message
 
 
@@ -135,37 +176,67 @@ def test_all_problems_reported_together(hf_file, target):
   state = safetensors_numpy.load_file(str(hf_file))
   del state["qa_outputs.bias"]
   state["pooler.dense.weight"] = np.zeros((8, 8), np.float32)
-  state["bert.embeddings.word_embeddings.weight"] = np.zeros((36, 8), np.float32)
+  state["bert.embeddings.word_embeddings.weight"] = np.zeros(
+      (36, 8), np.float32
+  )
   with pytest.raises(ValueError) as info:
     convert.import_bert(state, target)
   message = str(info.value)
   assert "missing keys (1): 'qa_outputs.bias'" in message
-  assert "unexpected keys (1): 'pooler.dense.weight' (-> 'bert/pooler/kernel'" in message
-  assert "'bert.embeddings.word_embeddings.weight': checkpoint shape (36, 8)" in message
+  assert (
+      "unexpected keys (1): 'pooler.dense.weight' (-> 'bert/pooler/kernel'"
+      in message
+  )
+  assert (
+      "'bert.embeddings.word_embeddings.weight': checkpoint shape (36, 8)"
+      in message
+  )
 
 
 def test_pretraining_checkpoint_into_qa_model_with_fresh_head(params):
-  pretrained = {k: v for k, v in convert.export_bert(params).items() if k.startswith("bert.")}
+  pretrained = {
+      k: v
+      for k, v in convert.export_bert(params).items()
+      if k.startswith("bert.")
+  }
   pretrained["bert.pooler.dense.weight"] = np.zeros((8, 8), np.float32)
   pretrained["bert.pooler.dense.bias"] = np.zeros(8, np.float32)
-  pretrained["cls.predictions.transform.dense.weight"] = np.zeros((8, 8), np.float32)
+  pretrained["cls.predictions.transform.dense.weight"] = np.zeros(
+      (8, 8), np.float32
+  )
   fresh = jax.tree.map(jnp.zeros_like, params)
-  loaded = convert.import_bert(pretrained, fresh, ignore=convert.PRETRAINING_HEADS,
-                               allow_missing=(r"^qa_outputs/",))
+  loaded = convert.import_bert(
+      pretrained,
+      fresh,
+      ignore=convert.PRETRAINING_HEADS,
+      allow_missing=(r"^qa_outputs/",),
+  )
   assert_trees_equal(loaded["bert"], params["bert"])
   assert not np.any(loaded["qa_outputs"]["kernel"])
   # With shapes only there is no value to keep.
-  with pytest.raises(ValueError, match="allowed missing, but target holds only its shape"):
-    convert.import_bert(pretrained, convert.bert_abstract_params(MODEL),
-                        ignore=convert.PRETRAINING_HEADS, allow_missing=(r"^qa_outputs/",))
+  with pytest.raises(
+      ValueError, match="allowed missing, but target holds only its shape"
+  ):
+    convert.import_bert(
+        pretrained,
+        convert.bert_abstract_params(MODEL),
+        ignore=convert.PRETRAINING_HEADS,
+        allow_missing=(r"^qa_outputs/",),
+    )
 
 
-def test_half_precision_checkpoint_is_cast_to_param_dtype(hf_file, params, target):
-  state = {k: v.astype(np.float16) for k, v in safetensors_numpy.load_file(str(hf_file)).items()}
+def test_half_precision_checkpoint_is_cast_to_param_dtype(
+    hf_file, params, target
+):
+  state = {
+      k: v.astype(np.float16)
+      for k, v in safetensors_numpy.load_file(str(hf_file)).items()
+  }
   loaded = convert.import_bert(state, target)
   assert {x.dtype for x in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.float32)}
-  np.testing.assert_allclose(loaded["qa_outputs"]["kernel"], params["qa_outputs"]["kernel"],
-                             atol=1e-3)
+  np.testing.assert_allclose(
+      loaded["qa_outputs"]["kernel"], params["qa_outputs"]["kernel"], atol=1e-3
+  )
 
 
 def test_variables_dict_is_refused_with_a_hint(params):
@@ -174,7 +245,9 @@ def test_variables_dict_is_refused_with_a_hint(params):
 
 
 def test_rule_templates():
-  rule = convert.Rule("a.{i}.{w:query|key}.weight", "a_{i}/{w:query|key}/kernel", convert.LINEAR)
+  rule = convert.Rule(
+      "a.{i}.{w:query|key}.weight", "a_{i}/{w:query|key}/kernel", convert.LINEAR
+  )
   assert rule.match_theirs("a.3.key.weight") == "a_3/key/kernel"
   assert rule.match_theirs("a.3.out.weight") is None
   assert rule.match_theirs("a.x.key.weight") is None
@@ -191,9 +264,13 @@ def test_rule_templates():
 def test_torchvision_resnet50_names_and_shapes():
   model = resnet.ResNet50()
   abstract = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
+      )
+  )
   state = convert.export_torchvision_resnet(
-      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract))
+      jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
+  )
   # torchvision's resnet50().state_dict() has 320 entries, 53 of them num_batches_tracked.
   assert len(state) == 320 - 53
   expected = {
@@ -216,15 +293,26 @@ def test_torchvision_resnet50_names_and_shapes():
 
 
 def test_torchvision_round_trip_on_a_small_imagenet_resnet():
-  model = resnet.ResNet(stage_sizes=(1, 2), widths=(4, 8), block_cls=resnet.Bottleneck,
-                        num_classes=5)
+  model = resnet.ResNet(
+      stage_sizes=(1, 2),
+      widths=(4, 8),
+      block_cls=resnet.Bottleneck,
+      num_classes=5,
+  )
   x = jnp.zeros((2, 16, 16, 3))
-  variables = random_like(jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False)))
+  variables = random_like(
+      jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+  )
   state = convert.export_torchvision_resnet(variables)
-  assert "layer2.1.conv3.weight" in state and "layer2.2.conv3.weight" not in state
+  assert (
+      "layer2.1.conv3.weight" in state and "layer2.2.conv3.weight" not in state
+  )
   loaded = convert.import_torchvision_resnet(state, variables)
   assert_trees_equal(loaded, variables)
   del state["layer2.1.bn3.running_var"]
-  with pytest.raises(ValueError, match=r"'layer2\.1\.bn3\.running_var' \(for "
-                     r"'batch_stats/stage2_block2/bn3/var'\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"'layer2\.1\.bn3\.running_var' \(for "
+      r"'batch_stats/stage2_block2/bn3/var'\)",
+  ):
     convert.import_torchvision_resnet(state, variables)

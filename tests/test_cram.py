@@ -12,17 +12,23 @@ import optax
 import pytest
 from flax import nnx
 
-from cram_jax import compress, cram, CrAMState
+from cram_jax import CrAMState, compress, cram
 
 # ---------------------------------------------------------------- a tiny MLP
 
 
 def mlp_params(seed=0):
   rng = np.random.default_rng(seed)
-  return {"dense1": {"kernel": rng.normal(size=(4, 8)).astype(np.float32) * 0.7,
-                     "bias": rng.normal(size=(8,)).astype(np.float32) * 0.1},
-          "dense2": {"kernel": rng.normal(size=(8, 3)).astype(np.float32) * 0.5,
-                     "bias": rng.normal(size=(3,)).astype(np.float32) * 0.1}}
+  return {
+      "dense1": {
+          "kernel": rng.normal(size=(4, 8)).astype(np.float32) * 0.7,
+          "bias": rng.normal(size=(8,)).astype(np.float32) * 0.1,
+      },
+      "dense2": {
+          "kernel": rng.normal(size=(8, 3)).astype(np.float32) * 0.5,
+          "bias": rng.normal(size=(3,)).astype(np.float32) * 0.1,
+      },
+  }
 
 
 def mlp_loss(params, x, y):
@@ -36,15 +42,22 @@ def mlp_grad_numpy(p, x, y):
   h = np.tanh(x @ p["dense1"]["kernel"] + p["dense1"]["bias"])
   out = h @ p["dense2"]["kernel"] + p["dense2"]["bias"]
   d_out = (out - y) / x.shape[0]
-  d_h = (d_out @ p["dense2"]["kernel"].T) * (1 - h ** 2)
-  return {"dense1": {"kernel": x.T @ d_h, "bias": d_h.sum(0)},
-          "dense2": {"kernel": h.T @ d_out, "bias": d_out.sum(0)}}
+  d_h = (d_out @ p["dense2"]["kernel"].T) * (1 - h**2)
+  return {
+      "dense1": {"kernel": x.T @ d_h, "bias": d_h.sum(0)},
+      "dense2": {"kernel": h.T @ d_out, "bias": d_out.sum(0)},
+  }
 
 
 def batches(steps, seed=1, size=16):
   rng = np.random.default_rng(seed)
-  return [(rng.normal(size=(size, 4)).astype(np.float32),
-           rng.normal(size=(size, 3)).astype(np.float32)) for _ in range(steps)]
+  return [
+      (
+          rng.normal(size=(size, 4)).astype(np.float32),
+          rng.normal(size=(size, 3)).astype(np.float32),
+      )
+      for _ in range(steps)
+  ]
 
 
 def global_mask_numpy(kernels, sparsity):
@@ -55,7 +68,7 @@ def global_mask_numpy(kernels, sparsity):
   keep[np.argsort(-flat, kind="stable")[:keep_count]] = True
   out, start = [], 0
   for k in kernels:
-    out.append(keep[start:start + k.size].reshape(k.shape))
+    out.append(keep[start : start + k.size].reshape(k.shape))
     start += k.size
   return out
 
@@ -83,26 +96,53 @@ def run_jax(tx, params, data, make_grad_fn):
 def test_identity_compression_equals_optax_sam_opaque_mode():
   lr, rho = 0.05, 0.1
   data = batches(6)
-  ours = cram(optax.sgd(lr, momentum=0.9), compress.global_magnitude(0.0), rho=rho,
-              plus=False, normalize=True)
-  sam = optax.contrib.sam(optax.sgd(lr, momentum=0.9),
-                          optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
-                          sync_period=2, opaque_mode=True)
-  got = run_jax(ours, mlp_params(), data, lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)))
-  want = run_jax(sam, mlp_params(), data,
-                 lambda x, y: jax.grad(lambda p, _=None: mlp_loss(p, x, y)))
+  ours = cram(
+      optax.sgd(lr, momentum=0.9),
+      compress.global_magnitude(0.0),
+      rho=rho,
+      plus=False,
+      normalize=True,
+  )
+  sam = optax.contrib.sam(
+      optax.sgd(lr, momentum=0.9),
+      optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+      sync_period=2,
+      opaque_mode=True,
+  )
+  got = run_jax(
+      ours,
+      mlp_params(),
+      data,
+      lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)),
+  )
+  want = run_jax(
+      sam,
+      mlp_params(),
+      data,
+      lambda x, y: jax.grad(lambda p, _=None: mlp_loss(p, x, y)),
+  )
   for a, b in zip(got, want):
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+        a,
+        b,
+    )
   # And it actually trained: the points differ from the start.
-  assert not np.allclose(got[-1]["dense1"]["kernel"], mlp_params()["dense1"]["kernel"])
+  assert not np.allclose(
+      got[-1]["dense1"]["kernel"], mlp_params()["dense1"]["kernel"]
+  )
 
 
 # ---------------------------------------------------------------- oracle 2: the formula
 
 
-@pytest.mark.parametrize("plus,sparse_grad,normalize",
-                         list(itertools.product([False, True], repeat=3)))
-def test_quadratic_update_equals_hand_computed_formula(plus, sparse_grad, normalize):
+@pytest.mark.parametrize(
+    "plus,sparse_grad,normalize",
+    list(itertools.product([False, True], repeat=3)),
+)
+def test_quadratic_update_equals_hand_computed_formula(
+    plus, sparse_grad, normalize
+):
   rng = np.random.default_rng(7)
   a = rng.normal(size=(16, 16))
   q = a @ a.T / 16 + np.eye(16)
@@ -113,7 +153,10 @@ def test_quadratic_update_equals_hand_computed_formula(plus, sparse_grad, normal
 
   def loss(p):
     flat = jnp.concatenate([p["w"].ravel(), p["v"]])
-    return 0.5 * flat @ jnp.asarray(q, jnp.float32) @ flat - jnp.asarray(c_vec, jnp.float32) @ flat
+    return (
+        0.5 * flat @ jnp.asarray(q, jnp.float32) @ flat
+        - jnp.asarray(c_vec, jnp.float32) @ flat
+    )
 
   # The SPEC formula, by hand, in float64.
   x = np.concatenate([w0.ravel(), v0])
@@ -121,7 +164,9 @@ def test_quadratic_update_equals_hand_computed_formula(plus, sparse_grad, normal
   d = g / (np.linalg.norm(g) + 1e-12) if normalize else g
   x_t = x + rho * d
   mask = np.ones(16, bool)
-  mask[:12] = global_mask_numpy([x_t[:12].reshape(3, 4)], sparsity)[0].ravel()  # only w
+  mask[:12] = global_mask_numpy([x_t[:12].reshape(3, 4)], sparsity)[
+      0
+  ].ravel()  # only w
   compressed = np.where(mask, x_t, 0.0)
   g2 = q @ compressed - c_vec
   if sparse_grad:
@@ -129,13 +174,25 @@ def test_quadratic_update_equals_hand_computed_formula(plus, sparse_grad, normal
   big_g = g2 + g if plus else g2
   expected = -lr * big_g
 
-  tx = cram(optax.sgd(lr), compress.global_magnitude(sparsity), rho=rho, plus=plus,
-            sparse_grad=sparse_grad, normalize=normalize)
-  params = {"w": jnp.asarray(w0, jnp.float32), "v": jnp.asarray(v0, jnp.float32)}
+  tx = cram(
+      optax.sgd(lr),
+      compress.global_magnitude(sparsity),
+      rho=rho,
+      plus=plus,
+      sparse_grad=sparse_grad,
+      normalize=normalize,
+  )
+  params = {
+      "w": jnp.asarray(w0, jnp.float32),
+      "v": jnp.asarray(v0, jnp.float32),
+  }
   grad_fn = jax.grad(loss)
-  updates, state = jax.jit(lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn))(
-      params, tx.init(params))
-  got = np.concatenate([np.asarray(updates["w"]).ravel(), np.asarray(updates["v"])])
+  updates, state = jax.jit(
+      lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+  )(params, tx.init(params))
+  got = np.concatenate(
+      [np.asarray(updates["w"]).ravel(), np.asarray(updates["v"])]
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
   assert int(state.count) == 1
 
@@ -147,9 +204,16 @@ def test_quadratic_update_equals_hand_computed_formula(plus, sparse_grad, normal
 def test_multi_step_mlp_matches_numpy_reimplementation(sparsity):
   lr, rho, wd, momentum = 0.1, 0.05, 5e-4, 0.9
   data = batches(8, seed=3)
-  tx = cram(optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum)),
-            compress.global_magnitude(sparsity), rho=rho)
-  got = run_jax(tx, mlp_params(), data, lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)))
+  tx = cram(
+      optax.chain(
+          optax.add_decayed_weights(wd), optax.sgd(lr, momentum=momentum)
+      ),
+      compress.global_magnitude(sparsity),
+      rho=rho,
+  )
+  got = run_jax(
+      tx, mlp_params(), data, lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y))
+  )
 
   # SPEC section 2, step by step, with NumPy only.
   p = jax.tree.map(np.float64, mlp_params())
@@ -158,17 +222,32 @@ def test_multi_step_mlp_matches_numpy_reimplementation(sparsity):
     x, y = x.astype(np.float64), y.astype(np.float64)
     g = mlp_grad_numpy(p, x, y)
     x_t = jax.tree.map(lambda w, gw: w + rho * gw, p, g)
-    m1, m2 = global_mask_numpy([x_t["dense1"]["kernel"], x_t["dense2"]["kernel"]], sparsity)
-    c = {"dense1": {"kernel": m1 * x_t["dense1"]["kernel"], "bias": x_t["dense1"]["bias"]},
-         "dense2": {"kernel": m2 * x_t["dense2"]["kernel"], "bias": x_t["dense2"]["bias"]}}
+    m1, m2 = global_mask_numpy(
+        [x_t["dense1"]["kernel"], x_t["dense2"]["kernel"]], sparsity
+    )
+    c = {
+        "dense1": {
+            "kernel": m1 * x_t["dense1"]["kernel"],
+            "bias": x_t["dense1"]["bias"],
+        },
+        "dense2": {
+            "kernel": m2 * x_t["dense2"]["kernel"],
+            "bias": x_t["dense2"]["bias"],
+        },
+    }
     g2 = mlp_grad_numpy(c, x, y)
     g2["dense1"]["kernel"] = g2["dense1"]["kernel"] * m1
     g2["dense2"]["kernel"] = g2["dense2"]["kernel"] * m2
-    big_g = jax.tree.map(lambda a, b, w: a + b + wd * w, g2, g, p)  # CrAM+ sum, coupled wd
+    big_g = jax.tree.map(
+        lambda a, b, w: a + b + wd * w, g2, g, p
+    )  # CrAM+ sum, coupled wd
     trace = jax.tree.map(lambda t, gg: gg + momentum * t, trace, big_g)
     p = jax.tree.map(lambda w, t: w - lr * t, p, trace)
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5),
-                 got[step], p)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5),
+        got[step],
+        p,
+    )
 
 
 # ---------------------------------------------------------------- integration
@@ -176,8 +255,13 @@ def test_multi_step_mlp_matches_numpy_reimplementation(sparsity):
 
 def test_rho_schedule_and_state_with_optax_tree_utilities():
   seen = []
-  schedule = lambda count: 0.1 * (count + 1)
-  tx = cram(optax.sgd(0.1), compress.global_magnitude([0.5, 0.7]), rho=schedule, key=3)
+
+  def schedule(count):
+    return 0.1 * (count + 1)
+
+  tx = cram(
+      optax.sgd(0.1), compress.global_magnitude([0.5, 0.7]), rho=schedule, key=3
+  )
   params = jax.tree.map(jnp.asarray, mlp_params())
   state = tx.init(params)
   assert isinstance(state, CrAMState)
@@ -198,9 +282,16 @@ def test_composes_with_optax_chain_and_forwards_extra_args():
   grad_fn = jax.grad(lambda p: mlp_loss(p, *batches(1)[0]))
   inner = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.05)
   chained = optax.chain(optax.clip_by_global_norm(1e9), inner)
-  u1, _ = chained.update(grad_fn(params), chained.init(params), params, grad_fn=grad_fn,
-                         unrelated_arg=1)
-  u2, _ = inner.update(grad_fn(params), inner.init(params), params, grad_fn=grad_fn)
+  u1, _ = chained.update(
+      grad_fn(params),
+      chained.init(params),
+      params,
+      grad_fn=grad_fn,
+      unrelated_arg=1,
+  )
+  u2, _ = inner.update(
+      grad_fn(params), inner.init(params), params, grad_fn=grad_fn
+  )
   jax.tree.map(np.testing.assert_allclose, u1, u2)
 
 
@@ -214,17 +305,26 @@ def test_flax_nnx_optimizer_forwards_grad_fn():
 
   tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.2)
   start = nnx.as_pure(nnx.state(model, nnx.Param))
-  expected_updates, _ = tx.update(jax.grad(loss_pure)(start), tx.init(start), start,
-                                  grad_fn=jax.grad(loss_pure))
+  expected_updates, _ = tx.update(
+      jax.grad(loss_pure)(start),
+      tx.init(start),
+      start,
+      grad_fn=jax.grad(loss_pure),
+  )
   expected = optax.apply_updates(start, expected_updates)
 
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
   optimizer.update(model, grads, grad_fn=jax.grad(loss_pure))
-  jax.tree.map(np.testing.assert_allclose, nnx.as_pure(nnx.state(model, nnx.Param)), expected)
+  jax.tree.map(
+      np.testing.assert_allclose,
+      nnx.as_pure(nnx.state(model, nnx.Param)),
+      expected,
+  )
 
 
 class SmallBN(nn.Module):
+
   @nn.compact
   def __call__(self, x, train):
     x = nn.Dense(8)(x)
@@ -236,60 +336,99 @@ def test_readme_train_step_keeps_batch_stats_from_the_clean_pass():
   model = SmallBN()
   x, y = batches(1)[0]
   variables = model.init(jax.random.key(0), x, train=False)
-  tx = cram(optax.sgd(0.1, momentum=0.9), compress.global_magnitude(0.5), rho=0.05)
+  tx = cram(
+      optax.sgd(0.1, momentum=0.9), compress.global_magnitude(0.5), rho=0.05
+  )
   opt_state = tx.init(variables["params"])
 
   def loss_fn(params, batch_stats):
-    out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                               mutable=["batch_stats"])
+    out, updates = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
     return jnp.mean((out - y) ** 2), updates["batch_stats"]
 
   @jax.jit
   def train_step(params, batch_stats, opt_state):
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats
+    )
+
     # The compressed pass also runs in train mode, but its statistics are dropped.
-    grad_fn = lambda p: jax.grad(loss_fn, has_aux=True)(p, batch_stats)[0]
+    def grad_fn(p):
+      return jax.grad(loss_fn, has_aux=True)(p, batch_stats)[0]
+
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), new_stats, opt_state
 
   params, stats = variables["params"], variables["batch_stats"]
   _, new_stats, _ = train_step(params, stats, opt_state)
   _, clean_stats = loss_fn(params, stats)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new_stats, clean_stats)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+      new_stats,
+      clean_stats,
+  )
   # The statistics of the compressed point are far from those: they were dropped.
   grads = jax.grad(loss_fn, has_aux=True)(params, stats)[0]
   compressed, _ = compress.global_magnitude(0.5)(
-      jax.tree.map(lambda w, g: w + 0.05 * g, params, grads))
+      jax.tree.map(lambda w, g: w + 0.05 * g, params, grads)
+  )
   _, compressed_stats = loss_fn(compressed, stats)
-  assert not np.allclose(compressed_stats["BatchNorm_0"]["mean"], clean_stats["BatchNorm_0"]["mean"],
-                         rtol=1e-3)
+  assert not np.allclose(
+      compressed_stats["BatchNorm_0"]["mean"],
+      clean_stats["BatchNorm_0"]["mean"],
+      rtol=1e-3,
+  )
 
 
 def test_pmap_with_batch_axis_name_equals_single_large_batch():
   n = jax.local_device_count()
   assert n == 8, "conftest sets 8 simulated CPU devices"
   data = batches(3, seed=5, size=32)
-  make_tx = lambda axis: cram(optax.sgd(0.1, momentum=0.9), compress.global_magnitude(0.7),
-                              rho=0.1, batch_axis_name=axis)
-  single = run_jax(make_tx(None), mlp_params(), data,
-                   lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)))
+
+  def make_tx(axis):
+    return cram(
+        optax.sgd(0.1, momentum=0.9),
+        compress.global_magnitude(0.7),
+        rho=0.1,
+        batch_axis_name=axis,
+    )
+
+  single = run_jax(
+      make_tx(None),
+      mlp_params(),
+      data,
+      lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)),
+  )
 
   tx = make_tx("batch")
 
   def step(params, state, x, y):
-    grad_fn = jax.grad(lambda p: mlp_loss(p, x, y))  # per-replica; cram pmeans it
+    grad_fn = jax.grad(
+        lambda p: mlp_loss(p, x, y)
+    )  # per-replica; cram pmeans it
     updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), state
 
   pstep = jax.pmap(step, axis_name="batch")
-  params = jax.tree.map(lambda w: np.stack([w] * n), mlp_params())  # replicated along axis 0
+  params = jax.tree.map(
+      lambda w: np.stack([w] * n), mlp_params()
+  )  # replicated along axis 0
   state = jax.pmap(tx.init)(params)
   for (x, y), want in zip(data, single):
-    params, state = pstep(params, state, x.reshape(n, -1, 4), y.reshape(n, -1, 3))
+    params, state = pstep(
+        params, state, x.reshape(n, -1, 4), y.reshape(n, -1, 3)
+    )
     for leaf in jax.tree.leaves(params):  # every replica holds the same point
       assert all(np.array_equal(leaf[0], leaf[i]) for i in range(n))
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u[0], v, rtol=1e-5, atol=1e-6),
-                 params, want)
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u[0], v, rtol=1e-5, atol=1e-6),
+        params,
+        want,
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -306,5 +445,12 @@ def test_bad_arguments():
     cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=-1.0)
   with pytest.raises(TypeError, match="compressor must be callable"):
     cram(optax.sgd(0.1), 0.5, rho=0.1)
-  with pytest.raises(ValueError, match="local_perturbation=True needs batch_axis_name"):
-    cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.1, local_perturbation=True)
+  with pytest.raises(
+      ValueError, match="local_perturbation=True needs batch_axis_name"
+  ):
+    cram(
+        optax.sgd(0.1),
+        compress.global_magnitude(0.5),
+        rho=0.1,
+        local_perturbation=True,
+    )

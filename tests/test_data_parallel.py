@@ -38,42 +38,60 @@ def run_config(digits_dir, parallel, num_devices):
 def test_one_device_mesh_and_pmap_reach_the_same_params(digits_dir, tmp_path):
   assert jax.device_count() == 8
   finals = {}
-  for name, parallel, devices in (("single", "jit", 1), ("mesh", "jit", 8), ("pmap", "pmap", 8)):
+  for name, parallel, devices in (
+      ("single", "jit", 1),
+      ("mesh", "jit", 8),
+      ("pmap", "pmap", 8),
+  ):
     config = run_config(digits_dir, parallel, devices)
     summary = train.train_and_evaluate(config, str(tmp_path / name))
     assert summary["status"] == "completed" and summary["step"] == 4
     finals[name] = train.load_final(str(tmp_path / name), config)[1]
   for name in ("mesh", "pmap"):
     for part in ("params", "batch_stats"):
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-                   finals[name][part], finals["single"][part])
+      jax.tree.map(
+          lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+          finals[name][part],
+          finals["single"][part],
+      )
   # The runs trained: the CrAM step count moved.
   assert int(finals["pmap"]["opt_state"].count) == 4
 
 
 def test_every_replica_computes_the_same_mask_under_pmap():
   n = jax.local_device_count()
-  seen = []  # (step, replica, mask digest), filled by a host callback per replica
+  seen = (
+      []
+  )  # (step, replica, mask digest), filled by a host callback per replica
 
   base = compress.global_magnitude([0.5, 0.7, 0.9])
 
   def spying_compressor(params, key):
     out, masks = base(params, key)
     flat = jnp.concatenate([m.ravel() for m in jax.tree.leaves(masks)])
-    jax.debug.callback(lambda i, f: seen.append((int(i), np.packbits(f).tobytes())),
-                       jax.lax.axis_index("batch"), flat)
+    jax.debug.callback(
+        lambda i, f: seen.append((int(i), np.packbits(f).tobytes())),
+        jax.lax.axis_index("batch"),
+        flat,
+    )
     return out, masks
 
-  tx = cram_jax.cram(optax.sgd(0.1), spying_compressor, rho=0.5, batch_axis_name="batch")
+  tx = cram_jax.cram(
+      optax.sgd(0.1), spying_compressor, rho=0.5, batch_axis_name="batch"
+  )
   rng = np.random.default_rng(0)
-  params = {"w1": rng.normal(size=(6, 16)).astype(np.float32),
-            "w2": rng.normal(size=(16, 3)).astype(np.float32)}
+  params = {
+      "w1": rng.normal(size=(6, 16)).astype(np.float32),
+      "w2": rng.normal(size=(16, 3)).astype(np.float32),
+  }
 
   def loss(p, x, y):
     return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
 
   def step(p, s, x, y):
-    grad_fn = jax.grad(lambda q: loss(q, x, y))  # each replica: its own shard's gradient
+    grad_fn = jax.grad(
+        lambda q: loss(q, x, y)
+    )  # each replica: its own shard's gradient
     updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), s
 
@@ -81,13 +99,17 @@ def test_every_replica_computes_the_same_mask_under_pmap():
   replicated = jax.tree.map(lambda w: np.stack([w] * n), params)
   state = jax.pmap(tx.init)(replicated)
   for t in range(3):
-    x = rng.normal(size=(n, 4, 6)).astype(np.float32)  # different data on every replica
+    x = rng.normal(size=(n, 4, 6)).astype(
+        np.float32
+    )  # different data on every replica
     y = rng.normal(size=(n, 4, 3)).astype(np.float32)
     replicated, state = pstep(replicated, state, x, y)
     jax.block_until_ready(replicated)
-    masks_this_step = {digest for _, digest in seen[t * n:(t + 1) * n]}
+    masks_this_step = {digest for _, digest in seen[t * n : (t + 1) * n]}
     assert len(seen) == (t + 1) * n
-    assert len(masks_this_step) == 1, f"step {t}: replicas computed different masks"
+    assert (
+        len(masks_this_step) == 1
+    ), f"step {t}: replicas computed different masks"
 
 
 def test_local_perturbation_gives_each_replica_its_own_mask():
@@ -102,8 +124,13 @@ def test_local_perturbation_gives_each_replica_its_own_mask():
     jax.debug.callback(lambda f: seen.append(np.packbits(f).tobytes()), flat)
     return out, masks
 
-  tx = cram_jax.cram(optax.sgd(0.1), spying_compressor, rho=5.0, batch_axis_name="batch",
-                     local_perturbation=True)
+  tx = cram_jax.cram(
+      optax.sgd(0.1),
+      spying_compressor,
+      rho=5.0,
+      batch_axis_name="batch",
+      local_perturbation=True,
+  )
   rng = np.random.default_rng(1)
   w = rng.normal(size=(8, 8)).astype(np.float32) * 0.1
 

@@ -52,11 +52,16 @@ def compilation_cache_for_this_module(tmp_path_factory):
   CPU each of these costs seconds. The cache returns the same executables, so what
   is tested does not change. Config and cache state are restored afterwards.
   """
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
+  names = (
+      "jax_compilation_cache_dir",
+      "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes",
+  )
   saved = {name: getattr(jax.config, name) for name in names}
   compilation_cache.reset_cache()  # forget an earlier "no cache" decision
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(
+      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
+  )
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   yield
@@ -70,8 +75,9 @@ def mock_tfds(data_dir, num_examples=1, examples=None):
   kwargs = {}
   if examples is not None:
     kwargs["as_data_source_fn"] = lambda self, split, **unused: examples
-  with tfds.testing.mock_data(num_examples=num_examples, policy=MOCK,
-                              data_dir=str(data_dir), **kwargs):
+  with tfds.testing.mock_data(
+      num_examples=num_examples, policy=MOCK, data_dir=str(data_dir), **kwargs
+  ):
     yield
 
 
@@ -86,7 +92,9 @@ def check_run_outputs(run, config, metric, steps_per_epoch):
   rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
   train_rows = [r for r in rows if r["split"] == "train"]
   eval_rows = [r for r in rows if r["split"] == "eval"]
-  assert [r["step"] for r in train_rows] == due_steps(config.log_every_steps, total)
+  assert [r["step"] for r in train_rows] == due_steps(
+      config.log_every_steps, total
+  )
   assert [r["step"] for r in eval_rows] == due_steps(steps_per_epoch, total)
   for r in train_rows:
     assert np.isfinite(r["loss"]) and r["steps_per_second"] > 0
@@ -97,9 +105,15 @@ def check_run_outputs(run, config, metric, steps_per_epoch):
   with open(os.path.join(run, "metrics.csv"), newline="") as f:
     long_rows = list(csv.DictReader(f))
   assert set(long_rows[0]) == {"step", "split", "name", "value"}
-  assert {(r["split"], r["name"]) for r in long_rows} >= {("train", "loss"), ("eval", metric)}
-  csv_eval = {int(r["step"]): float(r["value"]) for r in long_rows
-              if r["split"] == "eval" and r["name"] == metric}
+  assert {(r["split"], r["name"]) for r in long_rows} >= {
+      ("train", "loss"),
+      ("eval", metric),
+  }
+  csv_eval = {
+      int(r["step"]): float(r["value"])
+      for r in long_rows
+      if r["split"] == "eval" and r["name"] == metric
+  }
   assert csv_eval == pytest.approx({r["step"]: r[metric] for r in eval_rows})
 
   with open(os.path.join(run, "summary.json")) as f:
@@ -111,16 +125,19 @@ def check_run_outputs(run, config, metric, steps_per_epoch):
   with open(os.path.join(run, "config.json")) as f:
     saved = json.load(f)
   assert saved["task"] == config.task and saved["optimizer"] == "cram+-multi"
-  assert saved["num_train_steps"] == total and saved["data_dir"] == config.data_dir
+  assert (
+      saved["num_train_steps"] == total and saved["data_dir"] == config.data_dir
+  )
 
-  checkpointer = Checkpointer(os.path.join(run, "checkpoints"), every_steps=1,
-                              handle_sigterm=False)
+  checkpointer = Checkpointer(
+      os.path.join(run, "checkpoints"), every_steps=1, handle_sigterm=False
+  )
   try:
     steps = checkpointer.all_steps()
   finally:
     checkpointer.close()
   due = due_steps(config.checkpoint_every_steps, total)
-  assert steps == due[-config.keep_checkpoints:]
+  assert steps == due[-config.keep_checkpoints :]
 
 
 def capture_prune(monkeypatch):
@@ -140,67 +157,97 @@ def capture_prune(monkeypatch):
 def count_pruned(pruned, masks):
   """Zeros and sizes of the compressed leaves, counted directly on the arrays."""
   zeros = size = 0
-  for leaf, mask in zip(jax.tree.leaves(pruned),
-                        jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+  for leaf, mask in zip(
+      jax.tree.leaves(pruned),
+      jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+  ):
     if mask is None:
       continue
     leaf = np.asarray(leaf)
-    assert not leaf[~np.asarray(mask)].any()  # every masked-out weight is exactly 0
+    assert not leaf[
+        ~np.asarray(mask)
+    ].any()  # every masked-out weight is exactly 0
     zeros += int(np.sum(leaf == 0))
     size += leaf.size
   return zeros, size
 
 
-def check_oneshot_outputs(paths, out, method, metric, sparsities, patterns, calls):
+def check_oneshot_outputs(
+    paths, out, method, metric, sparsities, patterns, calls
+):
   """The table, CSV and plot of oneshot.main, and the sparsities the CSV reports."""
-  assert paths == {"table": os.path.join(out, "oneshot.md"),
-                   "csv": os.path.join(out, "oneshot.csv"),
-                   "plot": os.path.join(out, "oneshot.png")}
-  labels = (["dense"] + [f"global {round(100 * s)}%" for s in sparsities]
-            + [f"uniform {round(100 * s)}%" for s in sparsities]
-            + [f"{n}:{m}" for n, m in patterns])
+  assert paths == {
+      "table": os.path.join(out, "oneshot.md"),
+      "csv": os.path.join(out, "oneshot.csv"),
+      "plot": os.path.join(out, "oneshot.png"),
+  }
+  labels = (
+      ["dense"]
+      + [f"global {round(100 * s)}%" for s in sparsities]
+      + [f"uniform {round(100 * s)}%" for s in sparsities]
+      + [f"{n}:{m}" for n, m in patterns]
+  )
 
   with open(paths["table"]) as f:
     text = f.read()
   assert text.startswith(f"{metric} (%)")
   lines = [line for line in text.splitlines() if line.startswith("|")]
   assert len(lines) == 3  # header, separator, one run
-  assert [c.strip() for c in lines[0].strip("|").split("|")] == ["method", *labels]
-  assert re.fullmatch(r"\|(\s*:?-+:?\s*\|){%d}" % (len(labels) + 1), lines[1])
+  assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+      "method",
+      *labels,
+  ]
+  assert re.fullmatch(rf"\|(\s*:?-+:?\s*\|){{{len(labels) + 1}}}", lines[1])
   cells = [c.strip() for c in lines[2].strip("|").split("|")]
   assert cells[0] == method and len(cells) == len(labels) + 1
   for cell in cells[1:]:
-    assert 0.0 <= float(cell) <= 100.0  # percent; a missing metric would read nan
+    assert (
+        0.0 <= float(cell) <= 100.0
+    )  # percent; a missing metric would read nan
 
   with open(paths["csv"], newline="") as f:
     rows = list(csv.DictReader(f))
   assert [r["compression"] for r in rows] == labels
   assert {r["method"] for r in rows} == {method}
-  kinds = (["dense"] + ["global"] * len(sparsities) + ["uniform"] * len(sparsities)
-           + ["n:m"] * len(patterns))
+  kinds = (
+      ["dense"]
+      + ["global"] * len(sparsities)
+      + ["uniform"] * len(sparsities)
+      + ["n:m"] * len(patterns)
+  )
   assert [r["kind"] for r in rows] == kinds
   targets = [0.0, *sparsities, *sparsities, *(1 - n / m for n, m in patterns)]
   for row, target in zip(rows, targets):
     assert float(row["target_sparsity"]) == pytest.approx(target)
-    assert float(row["prunable_sparsity"]) == pytest.approx(target, abs=1e-3), row
-    assert 0.0 <= float(row["total_sparsity"]) <= float(row["prunable_sparsity"])
+    assert float(row["prunable_sparsity"]) == pytest.approx(
+        target, abs=1e-3
+    ), row
+    assert (
+        0.0 <= float(row["total_sparsity"]) <= float(row["prunable_sparsity"])
+    )
     assert 0.0 <= float(row[metric]) <= 1.0
   # Table cells are the CSV's metric in percent (rounded for display).
   for cell, row in zip(cells[1:], rows):
     assert float(cell) == pytest.approx(100 * float(row[metric]), abs=0.06)
 
   # The parameters the sweep evaluated have the sparsity it reports.
-  assert len(calls) == len(rows) - 1  # one prune per compression; dense is not pruned
+  assert (
+      len(calls) == len(rows) - 1
+  )  # one prune per compression; dense is not pruned
   for (pruned, masks), row in zip(calls, rows[1:]):
     zeros, size = count_pruned(pruned, masks)
     assert size > 0
-    assert zeros / size == pytest.approx(float(row["prunable_sparsity"]), abs=1e-6)
+    assert zeros / size == pytest.approx(
+        float(row["prunable_sparsity"]), abs=1e-6
+    )
     if row["kind"] == "global":  # exactly round((1 - s) N) weights kept
       assert size - zeros == round((1 - float(row["target_sparsity"])) * size)
   # N:M: at most n nonzeros in every group of m inputs of every compressed kernel.
-  for (pruned, masks), (n, m) in zip(calls[-len(patterns):], patterns):
-    for leaf, mask in zip(jax.tree.leaves(pruned),
-                          jax.tree.leaves(masks, is_leaf=lambda x: x is None)):
+  for (pruned, masks), (n, m) in zip(calls[-len(patterns) :], patterns):
+    for leaf, mask in zip(
+        jax.tree.leaves(pruned),
+        jax.tree.leaves(masks, is_leaf=lambda x: x is None),
+    ):
       if mask is None:
         continue
       leaf = np.moveaxis(np.asarray(leaf), -2, -1)
@@ -211,11 +258,14 @@ def check_oneshot_outputs(paths, out, method, metric, sparsities, patterns, call
     png = f.read()
   assert png.startswith(PNG_SIGNATURE) and len(png) > 10_000
   from PIL import Image  # pylint: disable=import-outside-toplevel
+
   with Image.open(paths["plot"]) as image:
     image.verify()
   with Image.open(paths["plot"]) as image:
     assert min(image.size) >= 200
-    assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 10  # not a blank canvas
+    assert (
+        len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 10
+    )  # not a blank canvas
 
 
 # ----------------------------------------------------------------------------
@@ -255,14 +305,22 @@ def test_resnet_train_checkpoint_and_oneshot(tmp_path, monkeypatch):
   monkeypatch.setattr(cram_jax, "recalibrate_batch_stats", counting_recalibrate)
   with mock_tfds(data_dir, num_examples=CIFAR_EXAMPLES):
     summary = train_lib.train_and_evaluate(config, run)
-    assert summary["status"] == "completed" and summary["eval"]["examples"] == CIFAR_EXAMPLES
-    check_run_outputs(run, config, "accuracy", steps_per_epoch=CIFAR_EXAMPLES // 16)
+    assert (
+        summary["status"] == "completed"
+        and summary["eval"]["examples"] == CIFAR_EXAMPLES
+    )
+    check_run_outputs(
+        run, config, "accuracy", steps_per_epoch=CIFAR_EXAMPLES // 16
+    )
 
     calls = capture_prune(monkeypatch)
     paths = oneshot.main(["--workdir", run, "--out", out])
-  check_oneshot_outputs(paths, out, "cram+-multi", "accuracy", (0.5, 0.9), ((2, 4), (4, 8)),
-                        calls)
-  assert len(recalibrations) == len(calls)  # BN re-estimated after every compression
+  check_oneshot_outputs(
+      paths, out, "cram+-multi", "accuracy", (0.5, 0.9), ((2, 4), (4, 8)), calls
+  )
+  assert len(recalibrations) == len(
+      calls
+  )  # BN re-estimated after every compression
 
 
 # ----------------------------------------------------------------------------
@@ -302,12 +360,16 @@ def squad_example(qid, question, answer):
       "title": b"Paris",
       "context": CONTEXT.encode(),
       "question": question.encode(),
-      "answers": {"text": np.array([answer.encode()], dtype=object),
-                  "answer_start": np.array([CONTEXT.index(answer)], np.int32)},
+      "answers": {
+          "text": np.array([answer.encode()], dtype=object),
+          "answer_start": np.array([CONTEXT.index(answer)], np.int32),
+      },
   }
 
 
-SQUAD_EXAMPLES = [squad_example(f"q{i}", q, a) for i, (q, a) in enumerate(QUESTIONS)]
+SQUAD_EXAMPLES = [
+    squad_example(f"q{i}", q, a) for i, (q, a) in enumerate(QUESTIONS)
+]
 
 
 def bert_config(data_dir, vocab_file):
@@ -315,7 +377,9 @@ def bert_config(data_dir, vocab_file):
   config.bert.size = "tiny"
   config.bert.overrides.vocab_size = len(VOCAB)
   config.bert.overrides.max_position_embeddings = 64
-  config.bert.overrides.num_hidden_layers = 1  # compile time scales with the layers
+  config.bert.overrides.num_hidden_layers = (
+      1  # compile time scales with the layers
+  )
   config.data_dir = str(data_dir)
   config.data_options.vocab_file = vocab_file
   config.data_options.max_seq_length = 64
@@ -347,11 +411,15 @@ def test_bert_squad_train_checkpoint_and_oneshot(tmp_path, monkeypatch):
     assert summary["eval"]["examples"] == len(SQUAD_EXAMPLES)
     assert {"f1", "exact_match"} <= set(summary["eval"])
     run_info = train_lib.build(config)
-    check_run_outputs(run, config, "f1", steps_per_epoch=run_info.steps_per_epoch)
+    check_run_outputs(
+        run, config, "f1", steps_per_epoch=run_info.steps_per_epoch
+    )
 
     calls = capture_prune(monkeypatch)
     paths = oneshot.main(["--workdir", run, "--out", out])
-  check_oneshot_outputs(paths, out, "cram+-multi", "f1", (0.5, 0.9), ((2, 4), (4, 8)), calls)
+  check_oneshot_outputs(
+      paths, out, "cram+-multi", "f1", (0.5, 0.9), ((2, 4), (4, 8)), calls
+  )
   with open(paths["csv"], newline="") as f:
     assert {"f1", "exact_match"} <= set(next(csv.DictReader(f)))
 
@@ -366,7 +434,9 @@ def test_pmap_matches_jit(tmp_path):
   with mock_tfds(data_dir, num_examples=CIFAR_EXAMPLES):
     for parallel in ("jit", "pmap"):
       workdir = str(tmp_path / parallel)
-      summary = train_lib.train_and_evaluate(resnet_config(data_dir, parallel), workdir)
+      summary = train_lib.train_and_evaluate(
+          resnet_config(data_dir, parallel), workdir
+      )
       assert summary["status"] == "completed"
       run, states[parallel] = train_lib.load_final(workdir)
       assert run.config.parallel == parallel
@@ -377,11 +447,17 @@ def test_pmap_matches_jit(tmp_path):
   assert [p for p, _ in flat_jit] == [p for p, _ in flat_pmap]
   assert int(states["pmap"]["step"]) == NUM_STEPS
   for (path, a), (_, b) in zip(flat_jit, flat_pmap):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+        np.asarray(b),
+        np.asarray(a),
+        rtol=1e-5,
+        atol=1e-6,
+        err_msg=jax.tree_util.keystr(path),
+    )
   # Same metrics row for row (rates aside).
   assert [(r["step"], r["split"]) for r in metrics["jit"]] == [
-      (r["step"], r["split"]) for r in metrics["pmap"]]
+      (r["step"], r["split"]) for r in metrics["pmap"]
+  ]
   for a, b in zip(metrics["jit"], metrics["pmap"]):
     for name in ("loss", "accuracy"):
       assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (a, b)

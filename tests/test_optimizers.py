@@ -24,7 +24,9 @@ def test_schedule_warms_up_then_follows_a_cosine_stepped_per_epoch():
   for epoch in (5, 6, 100, 199):
     expected = 0.5 * 0.1 * (1 + math.cos(math.pi * (epoch - 5) / 195))
     assert float(lr(epoch * spe)) == pytest.approx(expected, rel=1e-5, abs=1e-8)
-    assert float(lr(epoch * spe + 200)) == pytest.approx(expected, rel=1e-5, abs=1e-8)
+    assert float(lr(epoch * spe + 200)) == pytest.approx(
+        expected, rel=1e-5, abs=1e-8
+    )
 
 
 def test_schedule_per_step_without_warmup():
@@ -33,7 +35,9 @@ def test_schedule_per_step_without_warmup():
   config.schedule_per_epoch = False
   lr = optimizers.learning_rate_schedule(config, 10)
   assert float(lr(0)) == pytest.approx(1.0)
-  assert float(lr(5)) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 20)), rel=1e-6)
+  assert float(lr(5)) == pytest.approx(
+      0.5 * (1 + math.cos(math.pi * 5 / 20)), rel=1e-6
+  )
   assert float(lr(20)) == pytest.approx(0.0, abs=1e-7)
 
 
@@ -43,14 +47,23 @@ def test_every_optimizer_name_builds_and_steps(name):
   config.optimizer, config.rho, config.sparsity = name, 0.05, 0.5
   config.num_epochs = 1
   tx = optimizers.make_optimizer(config, steps_per_epoch=10)
-  params = {"conv": {"kernel": jnp.ones((3, 3, 8, 8)) * jnp.arange(8.0)},
-            "bias": jnp.zeros(8)}
-  loss = lambda p: jnp.sum(p["conv"]["kernel"] ** 2) + jnp.sum(p["bias"] ** 2)
+  params = {
+      "conv": {"kernel": jnp.ones((3, 3, 8, 8)) * jnp.arange(8.0)},
+      "bias": jnp.zeros(8),
+  }
+
+  def loss(p):
+    return jnp.sum(p["conv"]["kernel"] ** 2) + jnp.sum(p["bias"] ** 2)
+
   grads = jax.grad(loss)(params)
-  extra = {"grad_fn": lambda p, _=0: jax.grad(loss)(p)} if optimizers.uses_second_gradient(
-      name) else {}
-  updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(grads, tx.init(params),
-                                                                    params)
+  extra = (
+      {"grad_fn": lambda p, _=0: jax.grad(loss)(p)}
+      if optimizers.uses_second_gradient(name)
+      else {}
+  )
+  updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(
+      grads, tx.init(params), params
+  )
   assert np.all(np.isfinite(np.asarray(updates["conv"]["kernel"])))
   assert float(jnp.abs(updates["conv"]["kernel"]).sum()) > 0
 

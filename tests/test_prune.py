@@ -11,10 +11,16 @@ from cram_jax import compress, keep_pruned, prune, sparsity_report
 
 def params_tree(seed=0):
   rng = np.random.default_rng(seed)
-  return {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32),
-                   "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32)},
-          "head": {"kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
-                   "bias": jnp.zeros((10,), jnp.float32)}}
+  return {
+      "conv": {
+          "kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
+      },
+      "head": {
+          "kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
+          "bias": jnp.zeros((10,), jnp.float32),
+      },
+  }
 
 
 def test_prune_and_report_count_exact_zeros():
@@ -24,11 +30,21 @@ def test_prune_and_report_count_exact_zeros():
   prunable = 3 * 3 * 4 * 8 + 8 * 10
   total = prunable + 8 + 10
   # Oracle: count with NumPy directly.
-  zeros_prunable = sum(int(np.sum(np.asarray(pruned[k]["kernel"]) == 0)) for k in pruned)
-  zeros_all = zeros_prunable + sum(int(np.sum(np.asarray(pruned[k]["bias"]) == 0)) for k in pruned)
+  zeros_prunable = sum(
+      int(np.sum(np.asarray(pruned[k]["kernel"]) == 0)) for k in pruned
+  )
+  zeros_all = zeros_prunable + sum(
+      int(np.sum(np.asarray(pruned[k]["bias"]) == 0)) for k in pruned
+  )
   assert report.prunable_size == prunable and report.total_size == total
-  assert report.prunable_zeros == zeros_prunable == prunable - round(0.2 * prunable)
-  assert report.total_zeros == zeros_all  # the head bias is all zeros: counted in "all"
+  assert (
+      report.prunable_zeros
+      == zeros_prunable
+      == prunable - round(0.2 * prunable)
+  )
+  assert (
+      report.total_zeros == zeros_all
+  )  # the head bias is all zeros: counted in "all"
   assert report.total_sparsity == pytest.approx(zeros_all / total)
   rows = {r.path: r for r in report.rows}
   assert rows["head/bias"].zeros == 10 and not rows["head/bias"].prunable
@@ -39,16 +55,25 @@ def test_prune_and_report_count_exact_zeros():
 
 def test_report_without_masks_uses_the_default_selection():
   report = sparsity_report(params_tree())
-  assert [r.path for r in report.rows if r.prunable] == ["conv/kernel", "head/kernel"]
+  assert [r.path for r in report.rows if r.prunable] == [
+      "conv/kernel",
+      "head/kernel",
+  ]
   assert report.prunable_zeros == 0
 
 
 def test_prune_with_sampled_level_needs_key():
   with pytest.raises(ValueError, match="needs a PRNG key"):
     prune(params_tree(), compress.global_magnitude([0.5, 0.9]))
-  pruned, masks = prune(params_tree(), compress.global_magnitude([0.5, 0.9]),
-                        key=jax.random.key(0))
-  assert sparsity_report(pruned, masks).prunable_zeros in (round(0.5 * 368), 368 - round(0.1 * 368))
+  pruned, masks = prune(
+      params_tree(),
+      compress.global_magnitude([0.5, 0.9]),
+      key=jax.random.key(0),
+  )
+  assert sparsity_report(pruned, masks).prunable_zeros in (
+      round(0.5 * 368),
+      368 - round(0.1 * 368),
+  )
 
 
 def test_keep_pruned_holds_zeros_through_adamw_fine_tuning():
@@ -56,8 +81,12 @@ def test_keep_pruned_holds_zeros_through_adamw_fine_tuning():
   pruned, masks = prune(params, compress.n_of_m(2, 4))
   tx = keep_pruned(optax.adamw(1e-2, weight_decay=0.1), masks)
   target = jax.tree.map(lambda x: jnp.ones_like(x) * 3.0, params)
-  loss = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
-                                                             jax.tree.leaves(target)))
+
+  def loss(p):
+    return sum(
+        jnp.sum((a - b) ** 2)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target))
+    )
 
   @jax.jit
   def step(p, s):
@@ -71,7 +100,9 @@ def test_keep_pruned_holds_zeros_through_adamw_fine_tuning():
     mask = np.asarray(masks[name]["kernel"])
     kernel = np.asarray(p[name]["kernel"])
     assert np.all(kernel[~mask] == 0.0)  # exactly zero, not just small
-    assert not np.allclose(kernel[mask], np.asarray(pruned[name]["kernel"])[mask])  # trained
+    assert not np.allclose(
+        kernel[mask], np.asarray(pruned[name]["kernel"])[mask]
+    )  # trained
   assert not np.allclose(p["head"]["bias"], 0.0)  # unmasked leaves train freely
 
 
@@ -79,9 +110,14 @@ def test_keep_pruned_zeroes_weights_that_were_not_pruned_yet():
   params = params_tree()
   _, masks = prune(params, compress.global_magnitude(0.5))
   tx = keep_pruned(optax.sgd(0.1), masks)
-  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  updates, _ = tx.update(
+      jax.tree.map(jnp.zeros_like, params), tx.init(params), params
+  )
   after = optax.apply_updates(params, updates)
-  assert np.all(np.asarray(after["conv"]["kernel"])[~np.asarray(masks["conv"]["kernel"])] == 0)
+  assert np.all(
+      np.asarray(after["conv"]["kernel"])[~np.asarray(masks["conv"]["kernel"])]
+      == 0
+  )
 
 
 def test_mismatched_mask_trees_are_rejected():

@@ -29,25 +29,29 @@ def kernel_paths(params):
 @pytest.fixture(scope="module")
 def resnet20():
   model = resnet.ResNet20(num_classes=10)
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(
-      jax.random.key(0))
+  variables = jax.jit(
+      lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False)
+  )(jax.random.key(0))
   return model, variables
 
 
-@pytest.mark.parametrize("factory,size,expected", [
-    (resnet.ResNet8, 32, 78_042),
-    (resnet.ResNet20, 32, 272_474),
-    (resnet.ResNet32, 32, 466_906),
-    (resnet.ResNet44, 32, 661_338),
-    (resnet.ResNet56, 32, 855_770),
-    (resnet.ResNet110, 32, 1_730_714),
-    (resnet.CifarResNet18, 32, 11_173_962),
-    (resnet.ResNet18, 224, 11_689_512),
-    (resnet.ResNet34, 224, 21_797_672),
-    (resnet.ResNet50, 224, 25_557_032),
-    (resnet.ResNet101, 224, 44_549_160),
-    (resnet.ResNet152, 224, 60_192_808),
-])
+@pytest.mark.parametrize(
+    "factory,size,expected",
+    [
+        (resnet.ResNet8, 32, 78_042),
+        (resnet.ResNet20, 32, 272_474),
+        (resnet.ResNet32, 32, 466_906),
+        (resnet.ResNet44, 32, 661_338),
+        (resnet.ResNet56, 32, 855_770),
+        (resnet.ResNet110, 32, 1_730_714),
+        (resnet.CifarResNet18, 32, 11_173_962),
+        (resnet.ResNet18, 224, 11_689_512),
+        (resnet.ResNet34, 224, 21_797_672),
+        (resnet.ResNet50, 224, 25_557_032),
+        (resnet.ResNet101, 224, 44_549_160),
+        (resnet.ResNet152, 224, 60_192_808),
+    ],
+)
 def test_parameter_counts(factory, size, expected):
   # The factories' docstrings quote these numbers; the ImageNet ones are torchvision's.
   variables = abstract_variables(factory(), size)
@@ -68,8 +72,12 @@ def test_resnet20_hand_count():
   # stem 3*3*3*16 + BN; 3 stages of 3 blocks; two 1x1 shortcuts; 64*10 + 10 head.
   stem = 432 + 32
   stage1 = 3 * (2 * 9 * 16 * 16 + 2 * 32)
-  stage2 = (9 * 16 * 32 + 9 * 32 * 32 + 2 * 64 + 16 * 32 + 64) + 2 * (2 * 9 * 32 * 32 + 2 * 64)
-  stage3 = (9 * 32 * 64 + 9 * 64 * 64 + 2 * 128 + 32 * 64 + 128) + 2 * (2 * 9 * 64 * 64 + 2 * 128)
+  stage2 = (9 * 16 * 32 + 9 * 32 * 32 + 2 * 64 + 16 * 32 + 64) + 2 * (
+      2 * 9 * 32 * 32 + 2 * 64
+  )
+  stage3 = (9 * 32 * 64 + 9 * 64 * 64 + 2 * 128 + 32 * 64 + 128) + 2 * (
+      2 * 9 * 64 * 64 + 2 * 128
+  )
   head = 64 * 10 + 10
   assert stem + stage1 + stage2 + stage3 + head == 272_474
 
@@ -85,9 +93,17 @@ def test_imagenet_feature_map_shapes():
   model = resnet.ResNet50(num_classes=1000)
   variables = abstract_variables(model, 224)
   x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
-  (logits, state) = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
-                               mutable=["intermediates"]), variables, x)
+  logits, state = jax.eval_shape(
+      lambda v, x: model.apply(
+          v,
+          x,
+          train=False,
+          capture_intermediates=True,
+          mutable=["intermediates"],
+      ),
+      variables,
+      x,
+  )
   inter = state["intermediates"]
   assert logits.shape == (2, 1000)
   assert inter["conv_init"]["__call__"][0].shape == (2, 112, 112, 64)
@@ -97,8 +113,18 @@ def test_imagenet_feature_map_shapes():
   # v1.5: the stride sits on the 3x3 conv, the first 1x1 conv keeps the resolution.
   block = variables["params"]["stage2_block1"]
   assert block["conv2"]["kernel"].shape == (3, 3, 128, 128)
-  assert inter["stage2_block1"]["conv1"]["__call__"][0].shape == (2, 56, 56, 128)
-  assert inter["stage2_block1"]["conv2"]["__call__"][0].shape == (2, 28, 28, 128)
+  assert inter["stage2_block1"]["conv1"]["__call__"][0].shape == (
+      2,
+      56,
+      56,
+      128,
+  )
+  assert inter["stage2_block1"]["conv2"]["__call__"][0].shape == (
+      2,
+      28,
+      28,
+      128,
+  )
 
 
 def test_cifar_resnet18_has_no_pooling_stem():
@@ -107,15 +133,35 @@ def test_cifar_resnet18_has_no_pooling_stem():
   assert variables["params"]["conv_init"]["kernel"].shape == (3, 3, 3, 64)
   x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   _, state = jax.eval_shape(
-      lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
-                               mutable=["intermediates"]), variables, x)
-  assert state["intermediates"]["stage1_block2"]["__call__"][0].shape == (2, 32, 32, 64)
-  assert state["intermediates"]["stage4_block2"]["__call__"][0].shape == (2, 4, 4, 512)
+      lambda v, x: model.apply(
+          v,
+          x,
+          train=False,
+          capture_intermediates=True,
+          mutable=["intermediates"],
+      ),
+      variables,
+      x,
+  )
+  assert state["intermediates"]["stage1_block2"]["__call__"][0].shape == (
+      2,
+      32,
+      32,
+      64,
+  )
+  assert state["intermediates"]["stage4_block2"]["__call__"][0].shape == (
+      2,
+      4,
+      4,
+      512,
+  )
 
 
 def test_conv_init_is_he_fan_out_normal(resnet20):
   _, variables = resnet20
-  kernel = np.asarray(variables["params"]["stage3_block2"]["conv1"]["kernel"])  # (3,3,64,64)
+  kernel = np.asarray(
+      variables["params"]["stage3_block2"]["conv1"]["kernel"]
+  )  # (3,3,64,64)
   expected_std = math.sqrt(2.0 / (3 * 3 * 64))
   assert abs(kernel.std() / expected_std - 1) < 0.03
   assert abs(kernel.mean()) < 0.05 * expected_std
@@ -134,18 +180,29 @@ def test_train_mode_uses_batch_stats_and_updates_running_averages(resnet20):
 
   @jax.jit
   def train_apply(v, x):
-    return model.apply(v, x, train=True, mutable=["batch_stats", "intermediates"],
-                       capture_intermediates=lambda mdl, _: mdl.name == "conv_init")
+    return model.apply(
+        v,
+        x,
+        train=True,
+        mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda mdl, _: mdl.name == "conv_init",
+    )
 
   logits, state = train_apply(variables, x)
   stem = state["intermediates"]["conv_init"]["__call__"][0]
   new = state["batch_stats"]["bn_init"]
   # EMA with momentum 0.9 from mean 0 / var 1.
-  np.testing.assert_allclose(new["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(new["var"], 0.9 + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4)
+  np.testing.assert_allclose(
+      new["mean"], 0.1 * stem.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(
+      new["var"], 0.9 + 0.1 * stem.var(axis=(0, 1, 2)), rtol=1e-4
+  )
   # Every BatchNorm moved.
-  for old_leaf, new_leaf in zip(jax.tree.leaves(variables["batch_stats"]),
-                                jax.tree.leaves(state["batch_stats"])):
+  for old_leaf, new_leaf in zip(
+      jax.tree.leaves(variables["batch_stats"]),
+      jax.tree.leaves(state["batch_stats"]),
+  ):
     assert not np.allclose(old_leaf, new_leaf)
   # Batch statistics: an example's logits depend on the rest of the batch.
   other, _ = train_apply(variables, x.at[1:].multiply(3.0))
@@ -155,32 +212,49 @@ def test_train_mode_uses_batch_stats_and_updates_running_averages(resnet20):
 def test_eval_mode_uses_running_averages_and_mutates_nothing(resnet20):
   model, variables = resnet20
   x = jax.random.normal(jax.random.key(2), (4, 32, 32, 3))
-  eval_apply = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["batch_stats"]))
+  eval_apply = jax.jit(
+      lambda v, x: model.apply(v, x, train=False, mutable=["batch_stats"])
+  )
   logits, state = eval_apply(variables, x)
-  jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], variables["batch_stats"])
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      state["batch_stats"],
+      variables["batch_stats"],
+  )
   # Per-example: changing the other examples does not change example 0.
   other, _ = eval_apply(variables, x.at[1:].multiply(3.0))
   np.testing.assert_allclose(logits[0], other[0], rtol=1e-5, atol=1e-5)
   # And eval needs no mutable collection at all.
-  np.testing.assert_allclose(model.apply(variables, x, train=False), logits, rtol=1e-5,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      model.apply(variables, x, train=False), logits, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_bfloat16_compute_keeps_float32_params(resnet20):
   model = resnet.ResNet20(num_classes=10, dtype=jnp.bfloat16)
   _, variables = resnet20
   fresh = abstract_variables(model, 32)
-  assert {leaf.dtype for leaf in jax.tree.leaves(fresh)} == {jnp.dtype(jnp.float32)}
-  logits, state = jax.jit(lambda v, x: model.apply(
-      v, x, train=True, mutable=["batch_stats", "intermediates"],
-      capture_intermediates=True))(variables, jnp.ones((2, 32, 32, 3)))
+  assert {leaf.dtype for leaf in jax.tree.leaves(fresh)} == {
+      jnp.dtype(jnp.float32)
+  }
+  logits, state = jax.jit(
+      lambda v, x: model.apply(
+          v,
+          x,
+          train=True,
+          mutable=["batch_stats", "intermediates"],
+          capture_intermediates=True,
+      )
+  )(variables, jnp.ones((2, 32, 32, 3)))
   inter = state["intermediates"]
   assert inter["conv_init"]["__call__"][0].dtype == jnp.bfloat16
   assert inter["bn_init"]["__call__"][0].dtype == jnp.bfloat16
   assert inter["stage3_block3"]["__call__"][0].dtype == jnp.bfloat16
   assert inter["head"]["__call__"][0].dtype == jnp.bfloat16
   assert logits.dtype == jnp.float32
-  assert {leaf.dtype for leaf in jax.tree.leaves(state["batch_stats"])} == {jnp.dtype("float32")}
+  assert {leaf.dtype for leaf in jax.tree.leaves(state["batch_stats"])} == {
+      jnp.dtype("float32")
+  }
 
 
 def test_bn_axis_name_averages_statistics_across_the_named_axis(resnet20):
@@ -192,24 +266,37 @@ def test_bn_axis_name_averages_statistics_across_the_named_axis(resnet20):
   def run(model, x):
     return model.apply(variables, x, train=True, mutable=["batch_stats"])
 
-  logits, state = jax.jit(jax.vmap(lambda x: run(synced, x), axis_name="batch"))(x)
-  full_logits, full_state = jax.jit(lambda x: run(plain, x))(x.reshape(6, 32, 32, 3))
-  np.testing.assert_allclose(logits.reshape(6, 10), full_logits, rtol=2e-4, atol=2e-4)
+  logits, state = jax.jit(
+      jax.vmap(lambda x: run(synced, x), axis_name="batch")
+  )(x)
+  full_logits, full_state = jax.jit(lambda x: run(plain, x))(
+      x.reshape(6, 32, 32, 3)
+  )
+  np.testing.assert_allclose(
+      logits.reshape(6, 10), full_logits, rtol=2e-4, atol=2e-4
+  )
   mean = state["batch_stats"]["stage2_block1"]["shortcut_bn"]["mean"]
-  np.testing.assert_allclose(mean[0], full_state["batch_stats"]["stage2_block1"]["shortcut_bn"]
-                             ["mean"], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      mean[0],
+      full_state["batch_stats"]["stage2_block1"]["shortcut_bn"]["mean"],
+      rtol=1e-4,
+      atol=1e-6,
+  )
 
 
-@pytest.mark.parametrize("factory,size,n_kernels", [
-    # 7 3x3 convs (stem + 3 blocks * 2), 2 1x1 shortcuts, the head.
-    (resnet.ResNet8, 32, 10),
-    # 19 3x3 convs (stem + 9 blocks * 2), 2 1x1 shortcuts, the head.
-    (resnet.ResNet20, 32, 22),
-    # stem + 8 blocks * 2 + 3 shortcuts + head.
-    (resnet.CifarResNet18, 32, 21),
-    # stem + 16 bottlenecks * 3 + 4 shortcuts + head.
-    (resnet.ResNet50, 224, 54),
-])
+@pytest.mark.parametrize(
+    "factory,size,n_kernels",
+    [
+        # 7 3x3 convs (stem + 3 blocks * 2), 2 1x1 shortcuts, the head.
+        (resnet.ResNet8, 32, 10),
+        # 19 3x3 convs (stem + 9 blocks * 2), 2 1x1 shortcuts, the head.
+        (resnet.ResNet20, 32, 22),
+        # stem + 8 blocks * 2 + 3 shortcuts + head.
+        (resnet.CifarResNet18, 32, 21),
+        # stem + 16 bottlenecks * 3 + 4 shortcuts + head.
+        (resnet.ResNet50, 224, 54),
+    ],
+)
 def test_default_selection_is_every_kernel(factory, size, n_kernels):
   variables = abstract_variables(factory(), size)
   params = variables["params"]
@@ -228,21 +315,42 @@ def test_uniform_selection_skips_stem_and_head(resnet20, prefix):
   tree = variables if prefix else variables["params"]
   paths = {p for p, _ in selected(tree, RESNET_UNIFORM)}
   everything = {p for p, _ in selected(tree, RESNET_PRUNABLE)}
-  assert everything - paths == {prefix + "conv_init/kernel", prefix + "head/kernel"}
+  assert everything - paths == {
+      prefix + "conv_init/kernel",
+      prefix + "head/kernel",
+  }
   assert len(paths) == 20
   assert prefix + "stage2_block1/shortcut_conv/kernel" in paths
 
 
 def test_invalid_options_raise():
   with pytest.raises(ValueError, match="stem must be one of"):
-    resnet.ResNet(stage_sizes=(1,), widths=(8,), block_cls=resnet.BasicBlock, num_classes=3,
-                  stem="tiny")
-  with pytest.raises(ValueError, match="num_classes must be a positive int, got 0"):
+    resnet.ResNet(
+        stage_sizes=(1,),
+        widths=(8,),
+        block_cls=resnet.BasicBlock,
+        num_classes=3,
+        stem="tiny",
+    )
+  with pytest.raises(
+      ValueError, match="num_classes must be a positive int, got 0"
+  ):
     resnet.ResNet20(num_classes=0)
   with pytest.raises(ValueError, match="same length"):
-    resnet.ResNet(stage_sizes=(1, 1), widths=(8,), block_cls=resnet.BasicBlock, num_classes=3)
+    resnet.ResNet(
+        stage_sizes=(1, 1),
+        widths=(8,),
+        block_cls=resnet.BasicBlock,
+        num_classes=3,
+    )
   with pytest.raises(TypeError, match="block_cls must be a Module class"):
-    resnet.ResNet(stage_sizes=(1,), widths=(8,), block_cls="basic", num_classes=3)
+    resnet.ResNet(
+        stage_sizes=(1,), widths=(8,), block_cls="basic", num_classes=3
+    )
   model = resnet.ResNet20()
   with pytest.raises(ValueError, match=r"NHWC.*\(32, 32, 3\)"):
-    jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((32, 32, 3)), train=False))
+    jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.zeros((32, 32, 3)), train=False
+        )
+    )

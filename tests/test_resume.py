@@ -35,16 +35,27 @@ def digits_dir(tmp_path_factory):
 
 
 def command(workdir, data_dir):
-  return [sys.executable, os.path.join(ROOT, "experiments", "train.py"),
-          "--config", os.path.join(ROOT, "experiments", "configs", "digits.py") + ":cram+-multi",
-          "--workdir", workdir, f"--config.data_dir={data_dir}",
-          f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every_steps={EVERY}",
-          "--config.log_every_steps=1", "--config.progress=False"]
+  return [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "train.py"),
+      "--config",
+      os.path.join(ROOT, "experiments", "configs", "digits.py")
+      + ":cram+-multi",
+      "--workdir",
+      workdir,
+      f"--config.data_dir={data_dir}",
+      f"--config.num_train_steps={STEPS}",
+      f"--config.checkpoint_every_steps={EVERY}",
+      "--config.log_every_steps=1",
+      "--config.progress=False",
+  ]
 
 
 def environment():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device, fast compile
+  env["XLA_FLAGS"] = (
+      "--xla_force_host_platform_device_count=1"  # one device, fast compile
+  )
   env["PYTHONUNBUFFERED"] = "1"
   return env
 
@@ -54,13 +65,20 @@ def last_logged_step(workdir):
   if not os.path.exists(path):
     return 0
   with open(path) as f:
-    steps = [json.loads(line)["step"] for line in f if line.strip().endswith("}")]
+    steps = [
+        json.loads(line)["step"] for line in f if line.strip().endswith("}")
+    ]
   return max(steps, default=0)
 
 
 def run_to_completion(workdir, data_dir):
-  done = subprocess.run(command(workdir, data_dir), env=environment(), capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(
+      command(workdir, data_dir),
+      env=environment(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
@@ -69,8 +87,13 @@ def run_to_completion(workdir, data_dir):
 
 def interrupt(workdir, data_dir, sig, after_step):
   """Starts a run, sends `sig` once it has logged `after_step`, returns the exit code."""
-  process = subprocess.Popen(command(workdir, data_dir), env=environment(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  process = subprocess.Popen(
+      command(workdir, data_dir),
+      env=environment(),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.monotonic() + 240
   while last_logged_step(workdir) < after_step:
     assert process.poll() is None, process.stderr.read()[-3000:]
@@ -102,19 +125,27 @@ def uninterrupted(digits_dir, tmp_path_factory):
   return workdir
 
 
-def test_sigterm_saves_exits_and_resumes_identically(digits_dir, uninterrupted, tmp_path):
+def test_sigterm_saves_exits_and_resumes_identically(
+    digits_dir, uninterrupted, tmp_path
+):
   workdir = str(tmp_path / "run")
   code = interrupt(workdir, digits_dir, signal.SIGTERM, after_step=15)
   assert code == 0  # a clean exit after saving
-  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-                 if d.isdigit())
-  assert saved and 15 <= saved[-1] < STEPS  # the off-cadence preemption checkpoint
+  saved = sorted(
+      int(d)
+      for d in os.listdir(os.path.join(workdir, "checkpoints"))
+      if d.isdigit()
+  )
+  assert (
+      saved and 15 <= saved[-1] < STEPS
+  )  # the off-cadence preemption checkpoint
   run_to_completion(workdir, digits_dir)
   assert_same_state(final_state(workdir), final_state(uninterrupted))
 
 
-def test_sigkill_resumes_from_the_last_checkpoint_identically(digits_dir, uninterrupted,
-                                                             tmp_path):
+def test_sigkill_resumes_from_the_last_checkpoint_identically(
+    digits_dir, uninterrupted, tmp_path
+):
   workdir = str(tmp_path / "run")
   code = interrupt(workdir, digits_dir, signal.SIGKILL, after_step=25)
   assert code == -signal.SIGKILL
@@ -122,7 +153,9 @@ def test_sigkill_resumes_from_the_last_checkpoint_identically(digits_dir, uninte
   assert_same_state(final_state(workdir), final_state(uninterrupted))
 
 
-def test_corrupted_newest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
+    uninterrupted, tmp_path
+):
   workdir = str(tmp_path / "copy")
   shutil.copytree(uninterrupted, workdir)
   newest = os.path.join(workdir, "checkpoints", str(STEPS))

@@ -19,7 +19,8 @@ int32 sum: XLA's CPU code vectorises that about 6x better than a plain int32 sum
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,9 @@ from cram_jax.compress import select as select_lib
 def _bits(leaf: jax.Array, wide: bool) -> jax.Array:
   """``|leaf|`` as order-preserving signed-integer bits (float32, or float64 when ``wide``)."""
   if wide:
-    return lax.bitcast_convert_type(jnp.abs(leaf).astype(jnp.float64), jnp.int64)
+    return lax.bitcast_convert_type(
+        jnp.abs(leaf).astype(jnp.float64), jnp.int64
+    )
   return lax.bitcast_convert_type(jnp.abs(leaf).astype(jnp.float32), jnp.int32)
 
 
@@ -46,20 +49,35 @@ def _count(predicate: jax.Array) -> jax.Array:
   main = flat.size - flat.size % _SLICES
   total = jnp.zeros((), jnp.int32)
   if main:
-    lanes = jnp.sum(flat[:main].reshape(_SLICES, -1).astype(jnp.uint8), axis=0, dtype=jnp.uint8)
+    lanes = jnp.sum(
+        flat[:main].reshape(_SLICES, -1).astype(jnp.uint8),
+        axis=0,
+        dtype=jnp.uint8,
+    )
     total = total + jnp.sum(lanes, dtype=jnp.int32)
   if main < flat.size:
     total = total + jnp.sum(flat[main:], dtype=jnp.int32)
   return total
 
 
-def _per_group(counts: Sequence[jax.Array], groups: Sequence[int], num_groups: int) -> jax.Array:
+def _per_group(
+    counts: Sequence[jax.Array], groups: Sequence[int], num_groups: int
+) -> jax.Array:
   """Sums per-leaf counts into a ``(num_groups,)`` vector."""
-  return jnp.stack([sum((c for c, g in zip(counts, groups) if g == j), jnp.zeros((), jnp.int32))
-                    for j in range(num_groups)])
+  return jnp.stack(
+      [
+          sum(
+              (c for c, g in zip(counts, groups) if g == j),
+              jnp.zeros((), jnp.int32),
+          )
+          for j in range(num_groups)
+      ]
+  )
 
 
-def _kth_largest(bits: Sequence[jax.Array], groups: Sequence[int], k: jax.Array) -> jax.Array:
+def _kth_largest(
+    bits: Sequence[jax.Array], groups: Sequence[int], k: jax.Array
+) -> jax.Array:
   """Per group, the k-th largest value (1-based) among its leaves' entries.
 
   Builds each answer from the top bit down: a bit is set when at least k entries
@@ -71,8 +89,11 @@ def _kth_largest(bits: Sequence[jax.Array], groups: Sequence[int], k: jax.Array)
 
   def body(i, prefix):
     candidate = prefix | (jnp.ones((), itype) << (nbits - 1 - i).astype(itype))
-    counts = _per_group([_count(b >= candidate[g]) for b, g in zip(bits, groups)], groups,
-                        len(k))
+    counts = _per_group(
+        [_count(b >= candidate[g]) for b, g in zip(bits, groups)],
+        groups,
+        len(k),
+    )
     return jnp.where(counts >= k, candidate, prefix)
 
   return lax.fori_loop(0, nbits, body, jnp.zeros(k.shape, itype))
@@ -83,8 +104,13 @@ def _flat_index(shape: tuple[int, ...], offset: int) -> jax.Array:
   return (lax.iota(jnp.int32, size) + offset).reshape(shape)
 
 
-def _tie_cutoff(equal: Sequence[jax.Array], groups: Sequence[int], offsets: Sequence[int],
-                group_sizes: Sequence[int], need: jax.Array) -> jax.Array:
+def _tie_cutoff(
+    equal: Sequence[jax.Array],
+    groups: Sequence[int],
+    offsets: Sequence[int],
+    group_sizes: Sequence[int],
+    need: jax.Array,
+) -> jax.Array:
   """Per group, the smallest J with exactly ``need`` tied entries of flat index < J.
 
   The same bisection as the threshold, on the index instead of the value: the
@@ -93,19 +119,28 @@ def _tie_cutoff(equal: Sequence[jax.Array], groups: Sequence[int], offsets: Sequ
   nbits = max(int(max(group_sizes)).bit_length(), 1)
 
   def below(limit):
-    return _per_group([_count(e & (_flat_index(e.shape, o) < limit[g]))
-                       for e, g, o in zip(equal, groups, offsets)], groups, len(need))
+    return _per_group(
+        [
+            _count(e & (_flat_index(e.shape, o) < limit[g]))
+            for e, g, o in zip(equal, groups, offsets)
+        ],
+        groups,
+        len(need),
+    )
 
   def body(i, prefix):
     candidate = prefix | (jnp.int32(1) << (nbits - 1 - i))
     return jnp.where(below(candidate) < need, candidate, prefix)
 
-  largest_short = lax.fori_loop(0, nbits, body, jnp.zeros(need.shape, jnp.int32))
+  largest_short = lax.fori_loop(
+      0, nbits, body, jnp.zeros(need.shape, jnp.int32)
+  )
   return jnp.where(need > 0, largest_short + 1, 0)
 
 
-def _topk_masks(leaves: Sequence[jax.Array], groups: Sequence[int],
-                k: jax.Array) -> list[jax.Array]:
+def _topk_masks(
+    leaves: Sequence[jax.Array], groups: Sequence[int], k: jax.Array
+) -> list[jax.Array]:
   """Masks keeping exactly ``k[g]`` largest ``|w|`` among the leaves of each group g.
 
   ``groups[i]`` is leaf i's group: one group for global pruning, one per leaf for
@@ -116,8 +151,11 @@ def _topk_masks(leaves: Sequence[jax.Array], groups: Sequence[int],
   k = jnp.asarray(k, jnp.int32)
   num_groups = len(k)
   threshold = _kth_largest(bits, groups, k)
-  above = _per_group([_count(b > threshold[g]) for b, g in zip(bits, groups)], groups,
-                     num_groups)
+  above = _per_group(
+      [_count(b > threshold[g]) for b, g in zip(bits, groups)],
+      groups,
+      num_groups,
+  )
   equal = [b == threshold[g] for b, g in zip(bits, groups)]
   ties = _per_group([_count(e) for e in equal], groups, num_groups)
   need = k - above  # how many entries equal to the threshold each group keeps
@@ -131,8 +169,10 @@ def _topk_masks(leaves: Sequence[jax.Array], groups: Sequence[int],
       offsets.append(filled[g])
       filled[g] += int(np.prod(b.shape))
     cutoff = _tie_cutoff(equal, groups, offsets, filled, need)
-    return [(b > threshold[g]) | (e & (_flat_index(b.shape, o) < cutoff[g]))
-            for b, e, g, o in zip(bits, equal, groups, offsets)]
+    return [
+        (b > threshold[g]) | (e & (_flat_index(b.shape, o) < cutoff[g]))
+        for b, e, g, o in zip(bits, equal, groups, offsets)
+    ]
 
   # Random floats rarely tie at the threshold; then the index bisection is skipped.
   return lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
@@ -161,8 +201,13 @@ def _level_index(key: Any, level: Any, num_levels: int, owner: str) -> Any:
   """``level`` when given (a sweep over the levels, one compilation), else sampled."""
   if level is None:
     return base.sample_index(key, num_levels, owner)
-  if not isinstance(level, jax.core.Tracer) and not 0 <= int(level) < num_levels:
-    raise ValueError(f"{owner}: level must index one of the {num_levels} sparsities, got {level}")
+  if (
+      not isinstance(level, jax.core.Tracer)
+      and not 0 <= int(level) < num_levels
+  ):
+    raise ValueError(
+        f"{owner}: level must index one of the {num_levels} sparsities, got {level}"
+    )
   return jnp.asarray(level, jnp.int32)
 
 
@@ -170,10 +215,13 @@ def _pick(counts: Any, index: jax.Array) -> Any:
   return counts if jnp.ndim(counts) == 0 else counts[index]
 
 
-def global_magnitude(sparsity: float | Sequence[float] | jax.Array, *,
-                     select: select_lib.Selector | None = None,
-                     include: select_lib.Patterns = None,
-                     exclude: select_lib.Patterns = None) -> base.Compressor:
+def global_magnitude(
+    sparsity: float | Sequence[float] | jax.Array,
+    *,
+    select: select_lib.Selector | None = None,
+    include: select_lib.Patterns = None,
+    exclude: select_lib.Patterns = None,
+) -> base.Compressor:
   """Global magnitude pruning over all prunable leaves together.
 
   Keeps exactly ``round((1 - s) * N)`` of the N prunable weights, those of
@@ -201,20 +249,32 @@ def global_magnitude(sparsity: float | Sequence[float] | jax.Array, *,
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
-  def compress(params: Any, key: Any = None, *, level: Any = None) -> tuple[Any, Any]:
+  def compress(
+      params: Any, key: Any = None, *, level: Any = None
+  ) -> tuple[Any, Any]:
     chosen = select_lib.selected(params, rule, owner=owner)
     size = sum(int(np.prod(jnp.shape(x))) for _, x in chosen)
-    k = _pick(_level_counts(levels, size), _level_index(key, level, len(levels), owner))
-    masks = _topk_masks([x for _, x in chosen], [0] * len(chosen), jnp.reshape(k, (1,)))
-    return base.compress_with(params, {name: m for (name, _), m in zip(chosen, masks)})
+    k = _pick(
+        _level_counts(levels, size),
+        _level_index(key, level, len(levels), owner),
+    )
+    masks = _topk_masks(
+        [x for _, x in chosen], [0] * len(chosen), jnp.reshape(k, (1,))
+    )
+    return base.compress_with(
+        params, {name: m for (name, _), m in zip(chosen, masks)}
+    )
 
   return compress
 
 
-def layerwise_magnitude(sparsity: float | Sequence[float] | jax.Array, *,
-                        select: select_lib.Selector | None = None,
-                        include: select_lib.Patterns = None,
-                        exclude: select_lib.Patterns = None) -> base.Compressor:
+def layerwise_magnitude(
+    sparsity: float | Sequence[float] | jax.Array,
+    *,
+    select: select_lib.Selector | None = None,
+    include: select_lib.Patterns = None,
+    exclude: select_lib.Patterns = None,
+) -> base.Compressor:
   """Uniform magnitude pruning: each prunable leaf pruned to the same sparsity.
 
   Inside every leaf of n weights, keeps exactly ``round((1 - s) * n)`` of largest
@@ -225,13 +285,24 @@ def layerwise_magnitude(sparsity: float | Sequence[float] | jax.Array, *,
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
-  def compress(params: Any, key: Any = None, *, level: Any = None) -> tuple[Any, Any]:
+  def compress(
+      params: Any, key: Any = None, *, level: Any = None
+  ) -> tuple[Any, Any]:
     chosen = select_lib.selected(params, rule, owner=owner)
     index = _level_index(key, level, len(levels), owner)
     # One group per leaf: every leaf is bisected in the same passes.
-    k = jnp.stack([jnp.asarray(_pick(_level_counts(levels, int(np.prod(jnp.shape(x)))), index),
-                               jnp.int32) for _, x in chosen])
+    k = jnp.stack(
+        [
+            jnp.asarray(
+                _pick(_level_counts(levels, int(np.prod(jnp.shape(x)))), index),
+                jnp.int32,
+            )
+            for _, x in chosen
+        ]
+    )
     masks = _topk_masks([x for _, x in chosen], list(range(len(chosen))), k)
-    return base.compress_with(params, {name: m for (name, _), m in zip(chosen, masks)})
+    return base.compress_with(
+        params, {name: m for (name, _), m in zip(chosen, masks)}
+    )
 
   return compress

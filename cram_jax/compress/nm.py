@@ -32,8 +32,8 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   """
   moved = jnp.moveaxis(jnp.abs(x), axis, -1)
   blocks = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
-  mine = blocks[..., :, None]    # weight i of the block
-  other = blocks[..., None, :]   # against weight j
+  mine = blocks[..., :, None]  # weight i of the block
+  other = blocks[..., None, :]  # against weight j
   j_before_i = jnp.tril(jnp.ones((m, m), bool), k=-1)  # [i, j] = j < i
   beaten_by = (other > mine) | ((other == mine) & j_before_i)
   rank = jnp.sum(beaten_by, axis=-1, dtype=jnp.int32)
@@ -41,10 +41,16 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   return jnp.moveaxis(keep, -1, axis)
 
 
-def n_of_m(n: int, m: int, *, axis: int = -2, on_indivisible: str = "error",
-           select: select_lib.Selector | None = None,
-           include: select_lib.Patterns = None,
-           exclude: select_lib.Patterns = None) -> base.Compressor:
+def n_of_m(
+    n: int,
+    m: int,
+    *,
+    axis: int = -2,
+    on_indivisible: str = "error",
+    select: select_lib.Selector | None = None,
+    include: select_lib.Patterns = None,
+    exclude: select_lib.Patterns = None,
+) -> base.Compressor:
   """N:M pruning of every prunable leaf along its reduction axis.
 
   Args:
@@ -66,7 +72,9 @@ def n_of_m(n: int, m: int, *, axis: int = -2, on_indivisible: str = "error",
   if m < 1 or n < 1 or n > m:
     raise ValueError(f"{owner}: needs 1 <= n <= m, got n={n}, m={m}")
   if on_indivisible not in _POLICIES:
-    raise ValueError(f"{owner}: on_indivisible must be one of {_POLICIES}, got {on_indivisible!r}")
+    raise ValueError(
+        f"{owner}: on_indivisible must be one of {_POLICIES}, got {on_indivisible!r}"
+    )
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
   def compress(params: Any, key: Any = None) -> tuple[Any, Any]:
@@ -75,16 +83,22 @@ def n_of_m(n: int, m: int, *, axis: int = -2, on_indivisible: str = "error",
     for name, x in select_lib.selected(params, rule, owner=owner):
       shape = jnp.shape(x)
       if not -len(shape) <= axis < len(shape):
-        raise ValueError(f"{owner}: leaf '{name}' of shape {shape} has no axis {axis}")
+        raise ValueError(
+            f"{owner}: leaf '{name}' of shape {shape} has no axis {axis}"
+        )
       if shape[axis] % m:
         if on_indivisible == "skip":
           continue
-        raise ValueError(f"{owner}: leaf '{name}' has {shape[axis]} inputs along axis "
-                         f"{axis % len(shape)}, not a multiple of {m} "
-                         "(exclude it, or pass on_indivisible='skip')")
+        raise ValueError(
+            f"{owner}: leaf '{name}' has {shape[axis]} inputs along axis "
+            f"{axis % len(shape)}, not a multiple of {m} "
+            "(exclude it, or pass on_indivisible='skip')"
+        )
       leaf_masks[name] = nm_mask(x, n, m, axis)
     if not leaf_masks:
-      raise ValueError(f"{owner}: every selected leaf was skipped as indivisible by {m}")
+      raise ValueError(
+          f"{owner}: every selected leaf was skipped as indivisible by {m}"
+      )
     return base.compress_with(params, leaf_masks)
 
   return compress

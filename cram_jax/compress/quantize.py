@@ -22,14 +22,22 @@ def fake_quantize(x: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   levels = 2 ** (bits - 1) - 1
   reduce_axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
   peak = jnp.max(jnp.abs(x), axis=reduce_axes, keepdims=True)
-  scale = jnp.where(peak > 0, peak / levels, jnp.ones((), x.dtype))  # all-zero channel: any scale
-  return (jnp.clip(jnp.round(x / scale), -levels, levels) * scale).astype(x.dtype)
+  scale = jnp.where(
+      peak > 0, peak / levels, jnp.ones((), x.dtype)
+  )  # all-zero channel: any scale
+  return (jnp.clip(jnp.round(x / scale), -levels, levels) * scale).astype(
+      x.dtype
+  )
 
 
-def quantize(bits: int, *, axis: int = -1,
-             select: select_lib.Selector | None = None,
-             include: select_lib.Patterns = None,
-             exclude: select_lib.Patterns = None) -> base.Compressor:
+def quantize(
+    bits: int,
+    *,
+    axis: int = -1,
+    select: select_lib.Selector | None = None,
+    include: select_lib.Patterns = None,
+    exclude: select_lib.Patterns = None,
+) -> base.Compressor:
   """Fake-quantises every prunable leaf to ``bits`` bits per output channel.
 
   Args:
@@ -53,14 +61,18 @@ def quantize(bits: int, *, axis: int = -1,
     chosen = dict(select_lib.selected(params, rule, owner=owner))
     for name, x in chosen.items():
       if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"{owner}: leaf '{name}' of shape {x.shape} has no axis {axis}")
+        raise ValueError(
+            f"{owner}: leaf '{name}' of shape {x.shape} has no axis {axis}"
+        )
 
     def one(path, x):
       name = select_lib.path_str(path)
       return fake_quantize(x, bits, axis) if name in chosen else x
 
     quantised = jax.tree_util.tree_map_with_path(one, params)
-    masks = base.masks_for(params, {name: jnp.ones(x.shape, bool) for name, x in chosen.items()})
+    masks = base.masks_for(
+        params, {name: jnp.ones(x.shape, bool) for name, x in chosen.items()}
+    )
     return quantised, masks
 
   return compress

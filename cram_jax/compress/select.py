@@ -15,12 +15,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-Patterns = Union[str, Sequence[str], None]
+Patterns = str | Sequence[str] | None
 
 
 def path_str(path: tuple[Any, ...]) -> str:
@@ -40,7 +40,9 @@ def path_str(path: tuple[Any, ...]) -> str:
   return "/".join(parts)
 
 
-def _as_patterns(patterns: Patterns, option: str) -> tuple[re.Pattern[str], ...]:
+def _as_patterns(
+    patterns: Patterns, option: str
+) -> tuple[re.Pattern[str], ...]:
   if patterns is None:
     return ()
   if isinstance(patterns, str):
@@ -48,11 +50,15 @@ def _as_patterns(patterns: Patterns, option: str) -> tuple[re.Pattern[str], ...]
   compiled = []
   for p in patterns:
     if not isinstance(p, str):
-      raise TypeError(f"Selection: {option} patterns must be strings, got {p!r}")
+      raise TypeError(
+          f"Selection: {option} patterns must be strings, got {p!r}"
+      )
     try:
       compiled.append(re.compile(p))
     except re.error as e:
-      raise ValueError(f"Selection: {option} pattern {p!r} is not a valid regex: {e}") from None
+      raise ValueError(
+          f"Selection: {option} pattern {p!r} is not a valid regex: {e}"
+      ) from None
   return tuple(compiled)
 
 
@@ -84,7 +90,9 @@ class Selection:
     object.__setattr__(self, "_include", _as_patterns(self.include, "include"))
     object.__setattr__(self, "_exclude", _as_patterns(self.exclude, "exclude"))
     if not isinstance(self.min_ndim, int) or self.min_ndim < 0:
-      raise ValueError(f"Selection: min_ndim must be a non-negative int, got {self.min_ndim!r}")
+      raise ValueError(
+          f"Selection: min_ndim must be a non-negative int, got {self.min_ndim!r}"
+      )
 
   def __call__(self, path: str, leaf: Any) -> bool:
     if self._include and not any(p.search(path) for p in self._include):
@@ -97,30 +105,42 @@ class Selection:
       if self._include:
         raise TypeError(
             f"Selection: leaf '{path}' matches include={self.include!r} but has "
-            f"dtype {jnp.result_type(leaf)}, not a floating-point type")
+            f"dtype {jnp.result_type(leaf)}, not a floating-point type"
+        )
       return False
     return True
 
 
 DEFAULT = Selection()
 
-Selector = Union[Selection, Callable[[str, Any], bool]]
+Selector = Selection | Callable[[str, Any], bool]
 
 
-def resolve(select: Selector | None = None, include: Patterns = None,
-            exclude: Patterns = None, *, owner: str = "compressor") -> Selector:
+def resolve(
+    select: Selector | None = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    *,
+    owner: str = "compressor",
+) -> Selector:
   """Turns a compressor's ``select``/``include``/``exclude`` options into one rule."""
   if select is not None and (include is not None or exclude is not None):
-    raise ValueError(f"{owner}: pass either select= or include=/exclude=, not both")
+    raise ValueError(
+        f"{owner}: pass either select= or include=/exclude=, not both"
+    )
   if select is None:
     return Selection(include=include, exclude=exclude)
   if not callable(select):
-    raise TypeError(f"{owner}: select must be a Selection or a callable (path, leaf) -> bool, "
-                    f"got {select!r}")
+    raise TypeError(
+        f"{owner}: select must be a Selection or a callable (path, leaf) -> bool, "
+        f"got {select!r}"
+    )
   return select
 
 
-def selected(params: Any, select: Selector = DEFAULT, *, owner: str = "compressor"):
+def selected(
+    params: Any, select: Selector = DEFAULT, *, owner: str = "compressor"
+):
   """Returns ``[(path, leaf), ...]`` of the selected leaves, in flatten order.
 
   Raises ValueError when nothing is selected: a compressor that prunes nothing is
@@ -132,16 +152,22 @@ def selected(params: Any, select: Selector = DEFAULT, *, owner: str = "compresso
     name = path_str(path)
     if select(name, leaf):
       if not is_float(leaf):
-        raise TypeError(f"{owner}: leaf '{name}' is selected but has dtype "
-                        f"{jnp.result_type(leaf)}, not a floating-point type")
+        raise TypeError(
+            f"{owner}: leaf '{name}' is selected but has dtype "
+            f"{jnp.result_type(leaf)}, not a floating-point type"
+        )
       chosen.append((name, leaf))
   if not chosen:
     names = [path_str(p) for p, _ in leaves][:8]
-    raise ValueError(f"{owner}: the selection {select!r} matches no leaf of the params tree "
-                     f"(first leaves: {names})")
+    raise ValueError(
+        f"{owner}: the selection {select!r} matches no leaf of the params tree "
+        f"(first leaves: {names})"
+    )
   return chosen
 
 
 def selection_tree(params: Any, select: Selector = DEFAULT):
   """A tree of Python bools, True where ``select`` picks the leaf."""
-  return jax.tree_util.tree_map_with_path(lambda p, x: bool(select(path_str(p), x)), params)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: bool(select(path_str(p), x)), params
+  )

@@ -34,31 +34,31 @@ def make_dataset(
     source: Sequence[Mapping[str, Any]] | None = None,
     **options,
 ) -> grain.MapDataset:
-    """Returns the batched `grain.MapDataset` of a dataset (random access).
+  """Returns the batched `grain.MapDataset` of a dataset (random access).
 
-    `len(ds)` is the number of batches when `num_epochs` is finite; `ds[k]` is
-    batch `k`. Arguments as in `make_pipeline`.
-    """
-    common = dict(
-        batch_size=batch_size,
-        train=train,
-        seed=seed,
-        data_dir=data_dir,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        num_epochs=num_epochs,
-        source=source,
-    )
-    base = name.split('/')[0].split(':')[0]
-    if base in vision.VISION_DATASETS:
-        return vision.make_vision_dataset(base, split, **common, **options)
-    if base in ('glue', 'squad'):
-        return text.make_text_dataset(name, split, **common, **options)
-    raise ValueError(
-        f'make_pipeline: name={name!r} is not supported; use one of'
-        f' {list(vision.VISION_DATASETS)}, '
-        f"{['glue/' + t for t in text.GLUE_TEXT_FIELDS]} or 'squad/v1.1'"
-    )
+  `len(ds)` is the number of batches when `num_epochs` is finite; `ds[k]` is
+  batch `k`. Arguments as in `make_pipeline`.
+  """
+  common = dict(
+      batch_size=batch_size,
+      train=train,
+      seed=seed,
+      data_dir=data_dir,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_epochs=num_epochs,
+      source=source,
+  )
+  base = name.split('/')[0].split(':')[0]
+  if base in vision.VISION_DATASETS:
+    return vision.make_vision_dataset(base, split, **common, **options)
+  if base in ('glue', 'squad'):
+    return text.make_text_dataset(name, split, **common, **options)
+  raise ValueError(
+      f'make_pipeline: name={name!r} is not supported; use one of'
+      f' {list(vision.VISION_DATASETS)}, '
+      f"{['glue/' + t for t in text.GLUE_TEXT_FIELDS]} or 'squad/v1.1'"
+  )
 
 
 def make_pipeline(
@@ -78,75 +78,75 @@ def make_pipeline(
     source: Sequence[Mapping[str, Any]] | None = None,
     **options,
 ) -> grain.DatasetIterator:
-    """Returns a deterministic, checkpointable iterator of numpy batches.
+  """Returns a deterministic, checkpointable iterator of numpy batches.
 
-    Batches are dicts of numpy arrays with a leading `batch_size` axis. Every
-    batch has `index` (int32 record index in the split, -1 for padding) and
-    `mask` (bool, False for padding), plus, by dataset:
+  Batches are dicts of numpy arrays with a leading `batch_size` axis. Every
+  batch has `index` (int32 record index in the split, -1 for padding) and
+  `mask` (bool, False for padding), plus, by dataset:
 
-    - `cifar10`, `cifar100`, `digits`, `imagenet2012`: `image` (float32 NHWC,
-      normalised; uint8 with `normalize=False`), `label` (int32).
-    - `glue/<task>`: `input_ids`, `token_type_ids`, `attention_mask` (int32,
-      `max_seq_length`), `label`.
-    - `squad/v1.1`: the same inputs, `start_positions`, `end_positions`,
-      `example_index`; evaluation adds `offsets`, `token_is_max_context`.
+  - `cifar10`, `cifar100`, `digits`, `imagenet2012`: `image` (float32 NHWC,
+    normalised; uint8 with `normalize=False`), `label` (int32).
+  - `glue/<task>`: `input_ids`, `token_type_ids`, `attention_mask` (int32,
+    `max_seq_length`), `label`.
+  - `squad/v1.1`: the same inputs, `start_positions`, `end_positions`,
+    `example_index`; evaluation adds `offsets`, `token_is_max_context`.
 
-    Training (`train=True`) shuffles every epoch with `(seed, epoch)`,
-    augments record `r` of epoch `e` with an RNG seeded by `(seed, e, r)`, and
-    keeps whole batches only. Evaluation reads in order, once by default, and
-    pads the last batch (`mask` False). See `cram_jax.data.sampling`.
+  Training (`train=True`) shuffles every epoch with `(seed, epoch)`,
+  augments record `r` of epoch `e` with an RNG seeded by `(seed, e, r)`, and
+  keeps whole batches only. Evaluation reads in order, once by default, and
+  pads the last batch (`mask` False). See `cram_jax.data.sampling`.
 
-    Args:
-      name: `'cifar10'`, `'cifar100'`, `'imagenet2012'`, `'digits'`,
-        `'glue/<task>'` (sst2, mnli, qnli, qqp, cola, mrpc, stsb, rte, wnli,
-        ax) or `'squad/v1.1'`.
-      split: TFDS split, e.g. `'train'`, `'test'`, `'validation'`,
-        `'train[:90%]'`.
-      batch_size: examples per batch on this process.
-      train: training (shuffle, augment, drop remainder) or evaluation.
-      seed: non-negative seed of the shuffle and the augmentation; the same on
-        all processes.
-      data_dir: TFDS data directory; default `$CRAM_JAX_DATA_DIR`,
-        `$TFDS_DATA_DIR` or `~/tensorflow_datasets`.
-      shard_index: this process's shard, e.g. `jax.process_index()`.
-      shard_count: number of shards, e.g. `jax.process_count()`.
-      num_epochs: number of passes; None: forever (train) or once (eval).
-      num_threads: threads computing batches ahead (0: none).
-      prefetch_buffer_size: batches computed ahead when `num_threads > 0`.
-      worker_count: `grain` worker processes (0: none).
-      source: random-access sequence of raw examples to use instead of
-        opening TFDS (tests, benchmarks, custom data).
-      **options: dataset options: `normalize` (vision); `image_size`,
-        `resize_size`, `scale`, `ratio` (imagenet2012); `vocab_file`
-        (required), `lowercase`, `max_seq_length`, `doc_stride`,
-        `max_query_length` (text).
+  Args:
+    name: `'cifar10'`, `'cifar100'`, `'imagenet2012'`, `'digits'`,
+      `'glue/<task>'` (sst2, mnli, qnli, qqp, cola, mrpc, stsb, rte, wnli,
+      ax) or `'squad/v1.1'`.
+    split: TFDS split, e.g. `'train'`, `'test'`, `'validation'`,
+      `'train[:90%]'`.
+    batch_size: examples per batch on this process.
+    train: training (shuffle, augment, drop remainder) or evaluation.
+    seed: non-negative seed of the shuffle and the augmentation; the same on
+      all processes.
+    data_dir: TFDS data directory; default `$CRAM_JAX_DATA_DIR`,
+      `$TFDS_DATA_DIR` or `~/tensorflow_datasets`.
+    shard_index: this process's shard, e.g. `jax.process_index()`.
+    shard_count: number of shards, e.g. `jax.process_count()`.
+    num_epochs: number of passes; None: forever (train) or once (eval).
+    num_threads: threads computing batches ahead (0: none).
+    prefetch_buffer_size: batches computed ahead when `num_threads > 0`.
+    worker_count: `grain` worker processes (0: none).
+    source: random-access sequence of raw examples to use instead of
+      opening TFDS (tests, benchmarks, custom data).
+    **options: dataset options: `normalize` (vision); `image_size`,
+      `resize_size`, `scale`, `ratio` (imagenet2012); `vocab_file`
+      (required), `lowercase`, `max_seq_length`, `doc_stride`,
+      `max_query_length` (text).
 
-    Returns:
-      A `grain.DatasetIterator` with `get_state()` / `set_state(state)`; a
-      state restores into an iterator made with the same arguments (its
-      layout depends on `worker_count`).
+  Returns:
+    A `grain.DatasetIterator` with `get_state()` / `set_state(state)`; a
+    state restores into an iterator made with the same arguments (its
+    layout depends on `worker_count`).
 
-    Raises:
-      FileNotFoundError: the dataset is not prepared in `data_dir` (the
-        message says how to prepare it).
-      ValueError: an unknown name, split or option value.
-    """
-    dataset = make_dataset(
-        name,
-        split,
-        batch_size=batch_size,
-        train=train,
-        seed=seed,
-        data_dir=data_dir,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        num_epochs=num_epochs,
-        source=source,
-        **options,
-    )
-    return sampling.to_iterator(
-        dataset,
-        num_threads=num_threads,
-        prefetch_buffer_size=prefetch_buffer_size,
-        worker_count=worker_count,
-    )
+  Raises:
+    FileNotFoundError: the dataset is not prepared in `data_dir` (the
+      message says how to prepare it).
+    ValueError: an unknown name, split or option value.
+  """
+  dataset = make_dataset(
+      name,
+      split,
+      batch_size=batch_size,
+      train=train,
+      seed=seed,
+      data_dir=data_dir,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_epochs=num_epochs,
+      source=source,
+      **options,
+  )
+  return sampling.to_iterator(
+      dataset,
+      num_threads=num_threads,
+      prefetch_buffer_size=prefetch_buffer_size,
+      worker_count=worker_count,
+  )

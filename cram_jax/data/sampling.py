@@ -31,9 +31,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from absl import flags
 import grain
 import numpy as np
+from absl import flags
 
 Example = dict[str, Any]
 # transform(example, rng) -> dict of numpy arrays; rng is None in evaluation.
@@ -46,172 +46,170 @@ _AUGMENT_TAG = 0x5EED0002
 
 
 def check_sharding(shard_index: int, shard_count: int) -> None:
-    """Raises ValueError unless `0 <= shard_index < shard_count`."""
-    if shard_count < 1:
-        raise ValueError(f'shard_count={shard_count} must be >= 1')
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(
-            f'shard_index={shard_index} must be in [0, shard_count={shard_count})'
-        )
+  """Raises ValueError unless `0 <= shard_index < shard_count`."""
+  if shard_count < 1:
+    raise ValueError(f'shard_count={shard_count} must be >= 1')
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(
+        f'shard_index={shard_index} must be in [0, shard_count={shard_count})'
+    )
 
 
 def examples_per_epoch(
     num_records: int, *, batch_size: int, train: bool, shard_count: int = 1
 ) -> int:
-    """Number of stream positions one process sees per epoch.
+  """Number of stream positions one process sees per epoch.
 
-    Args:
-      num_records: size of the split.
-      batch_size: per-process batch size.
-      train: training drops incomplete batches; evaluation pads them.
-      shard_count: number of processes sharing the split.
+  Args:
+    num_records: size of the split.
+    batch_size: per-process batch size.
+    train: training drops incomplete batches; evaluation pads them.
+    shard_count: number of processes sharing the split.
 
-    Returns:
-      A multiple of `batch_size`.
-    """
-    if batch_size < 1:
-        raise ValueError(f'batch_size={batch_size} must be >= 1')
-    per_shard, rest = divmod(num_records, shard_count)
-    if train:
-        steps = per_shard // batch_size
-        if steps == 0:
-            raise ValueError(
-                f'batch_size={batch_size} is larger than the {per_shard}'
-                f' training examples of each of the shard_count={shard_count}'
-                f' shards ({num_records} examples in all)'
-            )
-        return steps * batch_size
-    per_shard += rest > 0
-    return -(-per_shard // batch_size) * batch_size
+  Returns:
+    A multiple of `batch_size`.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be >= 1')
+  per_shard, rest = divmod(num_records, shard_count)
+  if train:
+    steps = per_shard // batch_size
+    if steps == 0:
+      raise ValueError(
+          f'batch_size={batch_size} is larger than the {per_shard}'
+          f' training examples of each of the shard_count={shard_count}'
+          f' shards ({num_records} examples in all)'
+      )
+    return steps * batch_size
+  per_shard += rest > 0
+  return -(-per_shard // batch_size) * batch_size
 
 
 def steps_per_epoch(
     num_records: int, *, batch_size: int, train: bool, shard_count: int = 1
 ) -> int:
-    """Number of batches per epoch on each process (see module docstring)."""
-    return (
-        examples_per_epoch(
-            num_records,
-            batch_size=batch_size,
-            train=train,
-            shard_count=shard_count,
-        )
-        // batch_size
-    )
+  """Number of batches per epoch on each process (see module docstring)."""
+  return (
+      examples_per_epoch(
+          num_records,
+          batch_size=batch_size,
+          train=train,
+          shard_count=shard_count,
+      )
+      // batch_size
+  )
 
 
 @dataclasses.dataclass
 class EpochOrder:
-    """Maps a global stream position to `(epoch, record)`; record -1 = padding.
+  """Maps a global stream position to `(epoch, record)`; record -1 = padding.
 
-    Attributes:
-      num_records: size of the split.
-      per_epoch: stream positions per epoch for this shard.
-      train: shuffle each epoch (True) or read in record order (False).
-      seed: shuffle seed, shared by all shards.
-      shard_index: this process's shard.
-      shard_count: number of shards.
-    """
+  Attributes:
+    num_records: size of the split.
+    per_epoch: stream positions per epoch for this shard.
+    train: shuffle each epoch (True) or read in record order (False).
+    seed: shuffle seed, shared by all shards.
+    shard_index: this process's shard.
+    shard_count: number of shards.
+  """
 
-    num_records: int
-    per_epoch: int
-    train: bool
-    seed: int
-    shard_index: int = 0
-    shard_count: int = 1
+  num_records: int
+  per_epoch: int
+  train: bool
+  seed: int
+  shard_index: int = 0
+  shard_count: int = 1
 
-    def __post_init__(self):
-        self._orders: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
+  def __post_init__(self):
+    self._orders: dict[int, np.ndarray] = {}
+    self._lock = threading.Lock()
 
-    def order(self, epoch: int) -> np.ndarray:
-        """Returns the permutation of records for `epoch` (training)."""
-        with self._lock:
-            order = self._orders.get(epoch)
-            if order is None:
-                rng = np.random.default_rng([_SHUFFLE_TAG, self.seed, epoch])
-                order = rng.permutation(self.num_records)
-                # Two epochs suffice: the stream moves forward, and prefetch
-                # threads only straddle one epoch boundary.
-                self._orders = {
-                    e: o for e, o in self._orders.items() if e >= epoch - 1
-                }
-                self._orders[epoch] = order
-            return order
+  def order(self, epoch: int) -> np.ndarray:
+    """Returns the permutation of records for `epoch` (training)."""
+    with self._lock:
+      order = self._orders.get(epoch)
+      if order is None:
+        rng = np.random.default_rng([_SHUFFLE_TAG, self.seed, epoch])
+        order = rng.permutation(self.num_records)
+        # Two epochs suffice: the stream moves forward, and prefetch
+        # threads only straddle one epoch boundary.
+        self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+        self._orders[epoch] = order
+      return order
 
-    def __call__(self, position: int, unused_element: Any = None):
-        epoch, p = divmod(int(position), self.per_epoch)
-        slot = self.shard_index + p * self.shard_count
-        if slot >= self.num_records:
-            return epoch, -1
-        if self.train:
-            return epoch, int(self.order(epoch)[slot])
-        return epoch, slot
+  def __call__(self, position: int, unused_element: Any = None):
+    epoch, p = divmod(int(position), self.per_epoch)
+    slot = self.shard_index + p * self.shard_count
+    if slot >= self.num_records:
+      return epoch, -1
+    if self.train:
+      return epoch, int(self.order(epoch)[slot])
+    return epoch, slot
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        del state['_orders'], state['_lock']
-        return state
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state['_orders'], state['_lock']
+    return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.__post_init__()
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self.__post_init__()
 
 
 def zeros_like_example(example: Mapping[str, Any]) -> Example:
-    """Returns an all-zero copy of a flat dict of arrays (padding element)."""
-    return {k: np.zeros_like(np.asarray(v)) for k, v in example.items()}
+  """Returns an all-zero copy of a flat dict of arrays (padding element)."""
+  return {k: np.zeros_like(np.asarray(v)) for k, v in example.items()}
 
 
 @dataclasses.dataclass
 class ReadAndTransform:
-    """Reads record `r` and applies `transform` with the `(seed, epoch, r)` RNG.
+  """Reads record `r` and applies `transform` with the `(seed, epoch, r)` RNG.
 
-    Attributes:
-      source: random-access sequence of raw examples.
-      transform: `transform(example, rng)`; `rng` is None unless `train`.
-      seed: augmentation seed.
-      train: whether to pass a random generator.
-      padding: optional factory for the padding element; default: the
-        transform of record 0, zeroed.
-    """
+  Attributes:
+    source: random-access sequence of raw examples.
+    transform: `transform(example, rng)`; `rng` is None unless `train`.
+    seed: augmentation seed.
+    train: whether to pass a random generator.
+    padding: optional factory for the padding element; default: the
+      transform of record 0, zeroed.
+  """
 
-    source: Sequence[Mapping[str, Any]]
-    transform: Transform
-    seed: int
-    train: bool
-    padding: Callable[[], Example] | None = None
+  source: Sequence[Mapping[str, Any]]
+  transform: Transform
+  seed: int
+  train: bool
+  padding: Callable[[], Example] | None = None
 
-    def __post_init__(self):
-        self._padding_cache: Example | None = None
+  def __post_init__(self):
+    self._padding_cache: Example | None = None
 
-    def _padding(self) -> Example:
-        if self._padding_cache is None:
-            if self.padding is not None:
-                pad = self.padding()
-            else:
-                pad = zeros_like_example(self.transform(self.source[0], None))
-            pad['index'] = np.int32(-1)
-            pad['mask'] = np.bool_(False)
-            self._padding_cache = pad
-        return self._padding_cache
+  def _padding(self) -> Example:
+    if self._padding_cache is None:
+      if self.padding is not None:
+        pad = self.padding()
+      else:
+        pad = zeros_like_example(self.transform(self.source[0], None))
+      pad['index'] = np.int32(-1)
+      pad['mask'] = np.bool_(False)
+      self._padding_cache = pad
+    return self._padding_cache
 
-    def __call__(self, ref: tuple[int, int]) -> Example:
-        epoch, record = ref
-        if record < 0:
-            return dict(self._padding())
-        rng = None
-        if self.train:
-            rng = np.random.default_rng([_AUGMENT_TAG, self.seed, epoch, record])
-        out = dict(self.transform(self.source[record], rng))
-        out['index'] = np.int32(record)
-        out['mask'] = np.bool_(True)
-        return out
+  def __call__(self, ref: tuple[int, int]) -> Example:
+    epoch, record = ref
+    if record < 0:
+      return dict(self._padding())
+    rng = None
+    if self.train:
+      rng = np.random.default_rng([_AUGMENT_TAG, self.seed, epoch, record])
+    out = dict(self.transform(self.source[record], rng))
+    out['index'] = np.int32(record)
+    out['mask'] = np.bool_(True)
+    return out
 
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state['_padding_cache'] = None
-        return state
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    state['_padding_cache'] = None
+    return state
 
 
 def batched_dataset(
@@ -226,61 +224,61 @@ def batched_dataset(
     num_epochs: int | None = None,
     padding: Callable[[], Example] | None = None,
 ) -> grain.MapDataset:
-    """Builds the batched, sharded, deterministic dataset described above.
+  """Builds the batched, sharded, deterministic dataset described above.
 
-    Args:
-      source: random-access sequence of raw examples (e.g. a TFDS
-        `data_source`).
-      transform: `transform(example, rng) -> dict of numpy arrays`; `rng` is a
-        `np.random.Generator` in training and None in evaluation.
-      batch_size: examples per batch on this process.
-      train: shuffle per epoch, augment, drop incomplete batches; else read in
-        order, no RNG, pad the last batch.
-      seed: seed of the shuffle and of the augmentation; non-negative.
-      shard_index: index of this process, in `[0, shard_count)`.
-      shard_count: number of processes reading disjoint shards.
-      num_epochs: epochs to produce; None means forever in training and one
-        epoch in evaluation.
-      padding: optional factory of the padding element (evaluation).
+  Args:
+    source: random-access sequence of raw examples (e.g. a TFDS
+      `data_source`).
+    transform: `transform(example, rng) -> dict of numpy arrays`; `rng` is a
+      `np.random.Generator` in training and None in evaluation.
+    batch_size: examples per batch on this process.
+    train: shuffle per epoch, augment, drop incomplete batches; else read in
+      order, no RNG, pad the last batch.
+    seed: seed of the shuffle and of the augmentation; non-negative.
+    shard_index: index of this process, in `[0, shard_count)`.
+    shard_count: number of processes reading disjoint shards.
+    num_epochs: epochs to produce; None means forever in training and one
+      epoch in evaluation.
+    padding: optional factory of the padding element (evaluation).
 
-    Returns:
-      A `grain.MapDataset` whose elements are dicts of stacked numpy arrays,
-      each with `index` (int32 record index, -1 for padding) and `mask`
-      (bool, False for padding).
-    """
-    check_sharding(shard_index, shard_count)
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f'seed={seed!r} must be a non-negative integer')
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f'num_epochs={num_epochs} must be >= 1 or None')
-    if num_epochs is None and not train:
-        num_epochs = 1
-    num_records = len(source)
-    if num_records == 0:
-        raise ValueError('batched_dataset: the source has no examples')
-    per_epoch = examples_per_epoch(
-        num_records, batch_size=batch_size, train=train, shard_count=shard_count
-    )
-    order = EpochOrder(
-        num_records=num_records,
-        per_epoch=per_epoch,
-        train=train,
-        seed=int(seed),
-        shard_index=shard_index,
-        shard_count=shard_count,
-    )
-    ds = grain.MapDataset.range(per_epoch).repeat(num_epochs)
-    ds = ds.map_with_index(order)
-    ds = ds.map(
-        ReadAndTransform(
-            source=source,
-            transform=transform,
-            seed=int(seed),
-            train=train,
-            padding=padding,
-        )
-    )
-    return ds.batch(batch_size, drop_remainder=True)
+  Returns:
+    A `grain.MapDataset` whose elements are dicts of stacked numpy arrays,
+    each with `index` (int32 record index, -1 for padding) and `mask`
+    (bool, False for padding).
+  """
+  check_sharding(shard_index, shard_count)
+  if not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise ValueError(f'seed={seed!r} must be a non-negative integer')
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f'num_epochs={num_epochs} must be >= 1 or None')
+  if num_epochs is None and not train:
+    num_epochs = 1
+  num_records = len(source)
+  if num_records == 0:
+    raise ValueError('batched_dataset: the source has no examples')
+  per_epoch = examples_per_epoch(
+      num_records, batch_size=batch_size, train=train, shard_count=shard_count
+  )
+  order = EpochOrder(
+      num_records=num_records,
+      per_epoch=per_epoch,
+      train=train,
+      seed=int(seed),
+      shard_index=shard_index,
+      shard_count=shard_count,
+  )
+  ds = grain.MapDataset.range(per_epoch).repeat(num_epochs)
+  ds = ds.map_with_index(order)
+  ds = ds.map(
+      ReadAndTransform(
+          source=source,
+          transform=transform,
+          seed=int(seed),
+          train=train,
+          padding=padding,
+      )
+  )
+  return ds.batch(batch_size, drop_remainder=True)
 
 
 def to_iterator(
@@ -290,34 +288,34 @@ def to_iterator(
     prefetch_buffer_size: int = 4,
     worker_count: int = 0,
 ) -> grain.DatasetIterator:
-    """Returns a checkpointable iterator over a batched `MapDataset`.
+  """Returns a checkpointable iterator over a batched `MapDataset`.
 
-    Args:
-      dataset: e.g. from `batched_dataset`.
-      num_threads: threads computing batches ahead (0: in the caller's
-        thread). Output order does not depend on it.
-      prefetch_buffer_size: batches computed ahead when `num_threads > 0`.
-      worker_count: worker processes (`grain` multiprocessing prefetch); 0
-        keeps everything in this process.
+  Args:
+    dataset: e.g. from `batched_dataset`.
+    num_threads: threads computing batches ahead (0: in the caller's
+      thread). Output order does not depend on it.
+    prefetch_buffer_size: batches computed ahead when `num_threads > 0`.
+    worker_count: worker processes (`grain` multiprocessing prefetch); 0
+      keeps everything in this process.
 
-    Returns:
-      A `grain.DatasetIterator`: `next(it)`, `it.get_state()`,
-      `it.set_state(state)`.
-    """
-    if num_threads < 0 or worker_count < 0:
-        raise ValueError(
-            f'num_threads={num_threads} and worker_count={worker_count} must be'
-            ' >= 0'
-        )
-    read_options = grain.ReadOptions(
-        num_threads=num_threads,
-        prefetch_buffer_size=prefetch_buffer_size if num_threads else 0,
+  Returns:
+    A `grain.DatasetIterator`: `next(it)`, `it.get_state()`,
+    `it.set_state(state)`.
+  """
+  if num_threads < 0 or worker_count < 0:
+    raise ValueError(
+        f'num_threads={num_threads} and worker_count={worker_count} must be'
+        ' >= 0'
     )
-    ds = dataset.to_iter_dataset(read_options)
-    if worker_count:
-        # grain's workers read absl flags, which only `absl.app.run` parses;
-        # outside it, accept the defaults instead of failing.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    return iter(ds)
+  read_options = grain.ReadOptions(
+      num_threads=num_threads,
+      prefetch_buffer_size=prefetch_buffer_size if num_threads else 0,
+  )
+  ds = dataset.to_iter_dataset(read_options)
+  if worker_count:
+    # grain's workers read absl flags, which only `absl.app.run` parses;
+    # outside it, accept the defaults instead of failing.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return iter(ds)

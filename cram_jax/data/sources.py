@@ -36,7 +36,7 @@ _IMAGENET_HELP = (
     'or, in Python,\n'
     "  tfds.builder('imagenet2012', data_dir='{data_dir}').download_and_prepare("
     "file_format='array_record',"
-    " download_config=tfds.download.DownloadConfig(manual_dir=<dir with the"
+    ' download_config=tfds.download.DownloadConfig(manual_dir=<dir with the'
     ' tars>))'
 )
 
@@ -52,48 +52,48 @@ _GENERIC_HELP = (
 
 
 def default_data_dir() -> str:
-    """Returns the directory datasets are read from when none is given.
+  """Returns the directory datasets are read from when none is given.
 
-    Order: `$CRAM_JAX_DATA_DIR`, `$TFDS_DATA_DIR`, `~/tensorflow_datasets`.
-    """
-    for env in (DATA_DIR_ENV, 'TFDS_DATA_DIR'):
-        if os.environ.get(env):
-            return os.path.expanduser(os.environ[env])
-    return os.path.expanduser('~/tensorflow_datasets')
+  Order: `$CRAM_JAX_DATA_DIR`, `$TFDS_DATA_DIR`, `~/tensorflow_datasets`.
+  """
+  for env in (DATA_DIR_ENV, 'TFDS_DATA_DIR'):
+    if os.environ.get(env):
+      return os.path.expanduser(os.environ[env])
+  return os.path.expanduser('~/tensorflow_datasets')
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
-    """Returns `data_dir` as a string, or `default_data_dir()` if it is None."""
-    if data_dir is None:
-        return default_data_dir()
-    return os.path.expanduser(os.fspath(data_dir))
+  """Returns `data_dir` as a string, or `default_data_dir()` if it is None."""
+  if data_dir is None:
+    return default_data_dir()
+  return os.path.expanduser(os.fspath(data_dir))
 
 
 def how_to_prepare(name: str, data_dir: str) -> str:
-    """Returns the instructions for preparing dataset `name` in `data_dir`."""
-    base = name.split('/')[0].split(':')[0]
-    if base == 'imagenet2012':
-        return _IMAGENET_HELP.format(data_dir=data_dir)
-    if base == 'digits':
-        return (
-            "Call cram_jax.data.digits.prepare_digits(data_dir='{data_dir}');"
-            ' it runs offline.'
-        ).format(data_dir=data_dir)
-    return _GENERIC_HELP.format(name=name, data_dir=data_dir)
+  """Returns the instructions for preparing dataset `name` in `data_dir`."""
+  base = name.split('/')[0].split(':')[0]
+  if base == 'imagenet2012':
+    return _IMAGENET_HELP.format(data_dir=data_dir)
+  if base == 'digits':
+    return (
+        f"Call cram_jax.data.digits.prepare_digits(data_dir='{data_dir}');"
+        ' it runs offline.'
+    )
+  return _GENERIC_HELP.format(name=name, data_dir=data_dir)
 
 
 def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-    """Returns the TFDS builder for `name`, with a short error if unknown."""
-    base = name.split('/')[0].split(':')[0]
-    if base in _LAZY_BUILDERS:
-        _LAZY_BUILDERS[base]()
-    try:
-        return tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(
-            f'open_source: unknown TFDS dataset name={name!r} (expected e.g.'
-            " 'cifar10', 'imagenet2012', 'glue/sst2', 'squad/v1.1', 'digits')"
-        ) from None
+  """Returns the TFDS builder for `name`, with a short error if unknown."""
+  base = name.split('/')[0].split(':')[0]
+  if base in _LAZY_BUILDERS:
+    _LAZY_BUILDERS[base]()
+  try:
+    return tfds.builder(name, data_dir=data_dir, try_gcs=False)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f'open_source: unknown TFDS dataset name={name!r} (expected e.g.'
+        " 'cifar10', 'imagenet2012', 'glue/sst2', 'squad/v1.1', 'digits')"
+    ) from None
 
 
 def open_source(
@@ -103,57 +103,56 @@ def open_source(
     data_dir: str | os.PathLike | None = None,
     decoders: Any = None,
 ) -> Sequence[dict[str, Any]]:
-    """Opens one split of a prepared TFDS dataset for random access.
+  """Opens one split of a prepared TFDS dataset for random access.
 
-    Nothing is downloaded: a dataset that is not prepared in `data_dir` raises
-    `FileNotFoundError` with the commands that prepare it. The exception is
-    `digits`, which is built offline from scikit-learn on first use.
+  Nothing is downloaded: a dataset that is not prepared in `data_dir` raises
+  `FileNotFoundError` with the commands that prepare it. The exception is
+  `digits`, which is built offline from scikit-learn on first use.
 
-    Args:
-      name: TFDS name, optionally with config and version, e.g. `'cifar10'`,
-        `'glue/sst2'`, `'squad/v1.1'`.
-      split: split name or TFDS slice, e.g. `'train'`, `'validation[:10%]'`.
-      data_dir: root of the TFDS data; default `default_data_dir()`.
-      decoders: optional TFDS decoders, e.g. `{'image':
-        tfds.decode.SkipDecoding()}`.
+  Args:
+    name: TFDS name, optionally with config and version, e.g. `'cifar10'`,
+      `'glue/sst2'`, `'squad/v1.1'`.
+    split: split name or TFDS slice, e.g. `'train'`, `'validation[:10%]'`.
+    data_dir: root of the TFDS data; default `default_data_dir()`.
+    decoders: optional TFDS decoders, e.g. `{'image':
+      tfds.decode.SkipDecoding()}`.
 
-    Returns:
-      A sequence of example dicts (numpy arrays, `bytes`/`str` for text).
+  Returns:
+    A sequence of example dicts (numpy arrays, `bytes`/`str` for text).
 
-    Raises:
-      FileNotFoundError: the dataset is not prepared in `data_dir`.
-      ValueError: unknown dataset name or split, or data in a format without
-        random access.
-    """
-    data_dir = resolve_data_dir(data_dir)
-    if name.split('/')[0].split(':')[0] == 'digits':
-        # Also registers the `digits` builder with TFDS.
-        from cram_jax.data import digits  # pylint: disable=g-import-not-at-top
+  Raises:
+    FileNotFoundError: the dataset is not prepared in `data_dir`.
+    ValueError: unknown dataset name or split, or data in a format without
+      random access.
+  """
+  data_dir = resolve_data_dir(data_dir)
+  if name.split('/')[0].split(':')[0] == 'digits':
+    # Also registers the `digits` builder with TFDS.
+    from cram_jax.data import digits  # pylint: disable=g-import-not-at-top
 
-        digits.prepare_digits(data_dir)
-    builder = _builder(name, data_dir)
-    try:
-        return builder.as_data_source(split=split, decoders=decoders)
-    except Exception as error:  # pylint: disable=broad-except
-        # TFDS fails in several unhelpful ways on an absent dataset; decide
-        # from the directory instead of from the exception.
-        if not builder.is_prepared():
-            raise FileNotFoundError(
-                f'open_source: dataset {name!r} is not prepared in'
-                f' data_dir={data_dir!r} (looked for {builder.data_path}).\n'
-                + how_to_prepare(name, data_dir)
-            ) from None
-        if isinstance(error, NotImplementedError):
-            raise ValueError(
-                f'open_source: dataset {name!r} in {builder.data_path} has no'
-                ' ArrayRecord files (it was built for tf.data); rebuild it'
-                ' with file_format=array_record.\n'
-                + how_to_prepare(name, data_dir)
-            ) from None
-        if isinstance(error, (KeyError, ValueError)):
-            splits = sorted(builder.info.splits.keys())
-            raise ValueError(
-                f'open_source: split={split!r} is not valid for {name!r};'
-                f' available splits: {splits} ({error})'
-            ) from None
-        raise
+    digits.prepare_digits(data_dir)
+  builder = _builder(name, data_dir)
+  try:
+    return builder.as_data_source(split=split, decoders=decoders)
+  except Exception as error:  # pylint: disable=broad-except
+    # TFDS fails in several unhelpful ways on an absent dataset; decide
+    # from the directory instead of from the exception.
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f'open_source: dataset {name!r} is not prepared in'
+          f' data_dir={data_dir!r} (looked for {builder.data_path}).\n'
+          + how_to_prepare(name, data_dir)
+      ) from None
+    if isinstance(error, NotImplementedError):
+      raise ValueError(
+          f'open_source: dataset {name!r} in {builder.data_path} has no'
+          ' ArrayRecord files (it was built for tf.data); rebuild it'
+          ' with file_format=array_record.\n' + how_to_prepare(name, data_dir)
+      ) from None
+    if isinstance(error, (KeyError, ValueError)):
+      splits = sorted(builder.info.splits.keys())
+      raise ValueError(
+          f'open_source: split={split!r} is not valid for {name!r};'
+          f' available splits: {splits} ({error})'
+      ) from None
+    raise

@@ -19,33 +19,33 @@ _ARTICLES = re.compile(r'\b(a|an|the)\b')
 
 
 def normalize_answer(text: str) -> str:
-    """Lower-cases, strips punctuation and articles, collapses whitespace."""
-    text = text.lower()
-    text = ''.join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(' ', text)
-    return ' '.join(text.split())
+  """Lower-cases, strips punctuation and articles, collapses whitespace."""
+  text = text.lower()
+  text = ''.join(ch for ch in text if ch not in _PUNCTUATION)
+  text = _ARTICLES.sub(' ', text)
+  return ' '.join(text.split())
 
 
 def exact_match_score(prediction: str, ground_truth: str) -> float:
-    """1.0 if the normalised strings are equal, else 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+  """1.0 if the normalised strings are equal, else 0.0."""
+  return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
 def f1_score(prediction: str, ground_truth: str) -> float:
-    """Harmonic mean of word precision and recall after normalisation.
+  """Harmonic mean of word precision and recall after normalisation.
 
-    As in v1.1, an empty prediction or answer scores 0 (v2.0 special-cases
-    two empty strings as 1; v1.1 has no unanswerable questions).
-    """
-    predicted = normalize_answer(prediction).split()
-    gold = normalize_answer(ground_truth).split()
-    common = collections.Counter(predicted) & collections.Counter(gold)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision = same / len(predicted)
-    recall = same / len(gold)
-    return 2 * precision * recall / (precision + recall)
+  As in v1.1, an empty prediction or answer scores 0 (v2.0 special-cases
+  two empty strings as 1; v1.1 has no unanswerable questions).
+  """
+  predicted = normalize_answer(prediction).split()
+  gold = normalize_answer(ground_truth).split()
+  common = collections.Counter(predicted) & collections.Counter(gold)
+  same = sum(common.values())
+  if same == 0:
+    return 0.0
+  precision = same / len(predicted)
+  recall = same / len(gold)
+  return 2 * precision * recall / (precision + recall)
 
 
 def max_over_ground_truths(
@@ -53,40 +53,40 @@ def max_over_ground_truths(
     prediction: str,
     ground_truths: Sequence[str],
 ) -> float:
-    """The best score of `prediction` against any of `ground_truths`."""
-    if not ground_truths:
-        raise ValueError('max_over_ground_truths: no ground truth answers')
-    return max(metric(prediction, truth) for truth in ground_truths)
+  """The best score of `prediction` against any of `ground_truths`."""
+  if not ground_truths:
+    raise ValueError('max_over_ground_truths: no ground truth answers')
+  return max(metric(prediction, truth) for truth in ground_truths)
 
 
 def evaluate(
     predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
 ) -> dict[str, float]:
-    """SQuAD v1.1 exact match and F1, in percent.
+  """SQuAD v1.1 exact match and F1, in percent.
 
-    Args:
-      predictions: `{question id: predicted answer text}`.
-      references: `{question id: [gold answer texts]}`; every id counts,
-        missing predictions score 0.
+  Args:
+    predictions: `{question id: predicted answer text}`.
+    references: `{question id: [gold answer texts]}`; every id counts,
+      missing predictions score 0.
 
-    Returns:
-      `{'exact_match': ..., 'f1': ..., 'num_questions': ...,
-      'num_missing': ...}`.
-    """
-    if not references:
-        raise ValueError('evaluate: references is empty')
-    exact = f1 = 0.0
-    missing = 0
-    for qid, truths in references.items():
-        if qid not in predictions:
-            missing += 1
-            continue
-        exact += max_over_ground_truths(exact_match_score, predictions[qid], truths)
-        f1 += max_over_ground_truths(f1_score, predictions[qid], truths)
-    total = len(references)
-    return {
-        'exact_match': 100.0 * exact / total,
-        'f1': 100.0 * f1 / total,
-        'num_questions': total,
-        'num_missing': missing,
-    }
+  Returns:
+    `{'exact_match': ..., 'f1': ..., 'num_questions': ...,
+    'num_missing': ...}`.
+  """
+  if not references:
+    raise ValueError('evaluate: references is empty')
+  exact = f1 = 0.0
+  missing = 0
+  for qid, truths in references.items():
+    if qid not in predictions:
+      missing += 1
+      continue
+    exact += max_over_ground_truths(exact_match_score, predictions[qid], truths)
+    f1 += max_over_ground_truths(f1_score, predictions[qid], truths)
+  total = len(references)
+  return {
+      'exact_match': 100.0 * exact / total,
+      'f1': 100.0 * f1 / total,
+      'num_questions': total,
+      'num_missing': missing,
+  }

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from cram_jax.compress.select import Selection
 
 BERT_PRUNABLE = Selection(
-    include=r"(^|/)encoder/layer_\d+/(attention/(query|key|value|out)|intermediate|output)/kernel$")
+    include=r"(^|/)encoder/layer_\d+/(attention/(query|key|value|out)|intermediate|output)/kernel$"
+)
 """The encoder's six dense kernels per layer: Q, K, V, attention output, intermediate, output.
 
 Embeddings, the pooler and the task heads stay dense, as in the oBERT recipe (Kurtic et
@@ -80,14 +81,25 @@ class BertConfig:
   initializer_range: float = 0.02
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
-        raise ValueError(f"BertConfig: {name} must be a positive int, got {value!r}")
+        raise ValueError(
+            f"BertConfig: {name} must be a positive int, got {value!r}"
+        )
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"BertConfig: hidden_size={self.hidden_size} is not a multiple of "
-                       f"num_attention_heads={self.num_attention_heads}")
+      raise ValueError(
+          f"BertConfig: hidden_size={self.hidden_size} is not a multiple of "
+          f"num_attention_heads={self.num_attention_heads}"
+      )
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
       value = getattr(self, name)
       if not 0.0 <= value < 1.0:
@@ -96,8 +108,15 @@ class BertConfig:
   @classmethod
   def tiny(cls, **overrides) -> BertConfig:
     """2 layers, hidden 128, 2 heads (the size of google/bert_uncased_L-2_H-128_A-2)."""
-    return cls(**{"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-                  "intermediate_size": 512, **overrides})
+    return cls(
+        **{
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 512,
+            **overrides,
+        }
+    )
 
   @classmethod
   def base(cls, **overrides) -> BertConfig:
@@ -107,8 +126,15 @@ class BertConfig:
   @classmethod
   def large(cls, **overrides) -> BertConfig:
     """BERT-large: 24 layers, hidden 1024, 16 heads, 335M parameters with the pooler."""
-    return cls(**{"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                  "intermediate_size": 4096, **overrides})
+    return cls(
+        **{
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+            **overrides,
+        }
+    )
 
   @classmethod
   def from_hf(cls, hf_config: dict[str, Any]) -> BertConfig:
@@ -120,11 +146,15 @@ class BertConfig:
     """
     act = hf_config.get("hidden_act", "gelu")
     if act != "gelu":
-      raise ValueError(f"BertConfig.from_hf: hidden_act={act!r} is not supported, only 'gelu'")
+      raise ValueError(
+          f"BertConfig.from_hf: hidden_act={act!r} is not supported, only 'gelu'"
+      )
     pos = hf_config.get("position_embedding_type", "absolute")
     if pos != "absolute":
-      raise ValueError(f"BertConfig.from_hf: position_embedding_type={pos!r} is not "
-                       "supported, only 'absolute'")
+      raise ValueError(
+          f"BertConfig.from_hf: position_embedding_type={pos!r} is not "
+          "supported, only 'absolute'"
+      )
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in hf_config.items() if k in names})
 
@@ -142,9 +172,15 @@ class BertOutput(NamedTuple):
   pooled_output: jax.Array | None
 
 
-def _dense(config: BertConfig, features: int, dtype: Any, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=nn.initializers.normal(config.initializer_range))
+def _dense(
+    config: BertConfig, features: int, dtype: Any, name: str
+) -> nn.Dense:
+  return nn.Dense(
+      features,
+      dtype=dtype,
+      name=name,
+      kernel_init=nn.initializers.normal(config.initializer_range),
+  )
 
 
 def _layer_norm(config: BertConfig, dtype: Any, name: str) -> nn.LayerNorm:
@@ -161,11 +197,17 @@ class BertEmbeddings(nn.Module):
   def __call__(self, input_ids, token_type_ids, position_ids, *, train: bool):
     c = self.config
     init = nn.initializers.normal(c.initializer_range)
-    embed = lambda n, name: nn.Embed(n, c.hidden_size, embedding_init=init, dtype=self.dtype,
-                                     name=name)
-    x = (embed(c.vocab_size, "word_embeddings")(input_ids)
-         + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
-         + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
+
+    def embed(n, name):
+      return nn.Embed(
+          n, c.hidden_size, embedding_init=init, dtype=self.dtype, name=name
+      )
+
+    x = (
+        embed(c.vocab_size, "word_embeddings")(input_ids)
+        + embed(c.max_position_embeddings, "position_embeddings")(position_ids)
+        + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
+    )
     x = _layer_norm(c, self.dtype, "norm")(x)
     return nn.Dropout(c.hidden_dropout_prob)(x, deterministic=not train)
 
@@ -181,14 +223,19 @@ class BertAttention(nn.Module):
     c = self.config
     heads = c.num_attention_heads
     head_dim = c.hidden_size // heads
-    split = lambda t: t.reshape(t.shape[:-1] + (heads, head_dim))
+
+    def split(t):
+      return t.reshape(t.shape[:-1] + (heads, head_dim))
+
     q = split(_dense(c, c.hidden_size, self.dtype, "query")(x))
     k = split(_dense(c, c.hidden_size, self.dtype, "key")(x))
     v = split(_dense(c, c.hidden_size, self.dtype, "value")(x))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
     # Softmax in float32: bf16 scores lose the small differences that matter here.
     probs = jax.nn.softmax(scores.astype(jnp.float32) + attention_bias, axis=-1)
-    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=not train)
+    probs = nn.Dropout(c.attention_probs_dropout_prob)(
+        probs, deterministic=not train
+    )
     context = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     context = context.reshape(context.shape[:-2] + (c.hidden_size,))
     return _dense(c, c.hidden_size, self.dtype, "out")(context)
@@ -204,12 +251,18 @@ class BertLayer(nn.Module):
   def __call__(self, x, attention_bias, *, train: bool):
     c = self.config
     dropout = nn.Dropout(c.hidden_dropout_prob)
-    h = BertAttention(c, self.dtype, name="attention")(x, attention_bias, train=train)
-    x = _layer_norm(c, self.dtype, "attention_norm")(x + dropout(h, deterministic=not train))
+    h = BertAttention(c, self.dtype, name="attention")(
+        x, attention_bias, train=train
+    )
+    x = _layer_norm(c, self.dtype, "attention_norm")(
+        x + dropout(h, deterministic=not train)
+    )
     h = _dense(c, c.intermediate_size, self.dtype, "intermediate")(x)
     h = nn.gelu(h, approximate=False)
     h = _dense(c, c.hidden_size, self.dtype, "output")(h)
-    return _layer_norm(c, self.dtype, "output_norm")(x + dropout(h, deterministic=not train))
+    return _layer_norm(c, self.dtype, "output_norm")(
+        x + dropout(h, deterministic=not train)
+    )
 
 
 class BertEncoder(nn.Module):
@@ -221,7 +274,9 @@ class BertEncoder(nn.Module):
   @nn.compact
   def __call__(self, x, attention_bias, *, train: bool):
     for i in range(self.config.num_hidden_layers):
-      x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(x, attention_bias, train=train)
+      x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
+          x, attention_bias, train=train
+      )
     return x
 
 
@@ -240,8 +295,15 @@ class BertModel(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               *, train: bool) -> BertOutput:
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      position_ids=None,
+      *,
+      train: bool,
+  ) -> BertOutput:
     """Encodes a batch of token ids.
 
     Args:
@@ -257,12 +319,16 @@ class BertModel(nn.Module):
     """
     c = self.config
     if input_ids.ndim != 2:
-      raise ValueError(f"BertModel: input_ids must be (batch, length), got shape "
-                       f"{input_ids.shape}")
+      raise ValueError(
+          f"BertModel: input_ids must be (batch, length), got shape "
+          f"{input_ids.shape}"
+      )
     length = input_ids.shape[1]
     if length > c.max_position_embeddings:
-      raise ValueError(f"BertModel: sequence length {length} exceeds "
-                       f"max_position_embeddings={c.max_position_embeddings}")
+      raise ValueError(
+          f"BertModel: sequence length {length} exceeds "
+          f"max_position_embeddings={c.max_position_embeddings}"
+      )
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
@@ -271,11 +337,15 @@ class BertModel(nn.Module):
       position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
     # Additive bias, (batch, 1, 1, key): padded keys get the most negative float32, so
     # they receive exactly zero probability unless a whole row is padding.
-    attention_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                               jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    attention_bias = jnp.where(
+        attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min
+    ).astype(jnp.float32)
     x = BertEmbeddings(c, self.dtype, name="embeddings")(
-        input_ids, token_type_ids, position_ids, train=train)
-    x = BertEncoder(c, self.dtype, name="encoder")(x, attention_bias, train=train)
+        input_ids, token_type_ids, position_ids, train=train
+    )
+    x = BertEncoder(c, self.dtype, name="encoder")(
+        x, attention_bias, train=train
+    )
     pooled = None
     if self.add_pooling_layer:
       pooled = jnp.tanh(_dense(c, c.hidden_size, self.dtype, "pooler")(x[:, 0]))
@@ -296,12 +366,22 @@ class BertForSequenceClassification(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               *, train: bool):
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      position_ids=None,
+      *,
+      train: bool,
+  ):
     """Returns float32 logits ``(batch, num_labels)``; arguments as :class:`BertModel`."""
     out = BertModel(self.config, dtype=self.dtype, name="bert")(
-        input_ids, attention_mask, token_type_ids, position_ids, train=train)
-    x = nn.Dropout(self.config.hidden_dropout_prob)(out.pooled_output, deterministic=not train)
+        input_ids, attention_mask, token_type_ids, position_ids, train=train
+    )
+    x = nn.Dropout(self.config.hidden_dropout_prob)(
+        out.pooled_output, deterministic=not train
+    )
     logits = _dense(self.config, self.num_labels, self.dtype, "classifier")(x)
     return logits.astype(jnp.float32)
 
@@ -318,15 +398,25 @@ class BertForQuestionAnswering(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-               *, train: bool):
+  def __call__(
+      self,
+      input_ids,
+      attention_mask=None,
+      token_type_ids=None,
+      position_ids=None,
+      *,
+      train: bool,
+  ):
     """Returns float32 ``(start_logits, end_logits)``, each ``(batch, length)``.
 
     Arguments as :class:`BertModel`. Padding positions are not masked in the logits;
     mask them in the loss or the span decoder.
     """
-    out = BertModel(self.config, add_pooling_layer=False, dtype=self.dtype, name="bert")(
-        input_ids, attention_mask, token_type_ids, position_ids, train=train)
-    logits = _dense(self.config, 2, self.dtype, "qa_outputs")(out.sequence_output)
+    out = BertModel(
+        self.config, add_pooling_layer=False, dtype=self.dtype, name="bert"
+    )(input_ids, attention_mask, token_type_ids, position_ids, train=train)
+    logits = _dense(self.config, 2, self.dtype, "qa_outputs")(
+        out.sequence_output
+    )
     logits = logits.astype(jnp.float32)
     return logits[..., 0], logits[..., 1]

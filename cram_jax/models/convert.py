@@ -40,7 +40,9 @@ class Transform:
   """A layout change between a checkpoint tensor (theirs) and our leaf (ours)."""
 
   name: str
-  axes: tuple[int, ...] | None  # permutation theirs -> ours; None keeps the layout
+  axes: (
+      tuple[int, ...] | None
+  )  # permutation theirs -> ours; None keeps the layout
 
   def to_ours(self, x: np.ndarray) -> np.ndarray:
     return x if self.axes is None else np.transpose(x, self.axes)
@@ -50,15 +52,23 @@ class Transform:
 
   def theirs_shape(self, ours: Sequence[int]) -> tuple[int, ...]:
     ours = tuple(ours)
-    return ours if self.axes is None else tuple(ours[i] for i in np.argsort(self.axes))
+    return (
+        ours
+        if self.axes is None
+        else tuple(ours[i] for i in np.argsort(self.axes))
+    )
 
   def ndim_ok(self, x: np.ndarray) -> bool:
     return self.axes is None or x.ndim == len(self.axes)
 
 
 IDENTITY = Transform("identity", None)
-LINEAR = Transform("linear", (1, 0))  # torch Linear (out, in) -> Flax Dense (in, out)
-CONV = Transform("conv", (2, 3, 1, 0))  # torch Conv2d (O, I, kh, kw) -> Flax Conv (kh, kw, I, O)
+LINEAR = Transform(
+    "linear", (1, 0)
+)  # torch Linear (out, in) -> Flax Dense (in, out)
+CONV = Transform(
+    "conv", (2, 3, 1, 0)
+)  # torch Conv2d (O, I, kh, kw) -> Flax Conv (kh, kw, I, O)
 
 
 # A field is {name} (a decimal index) or {name:alt|alt} (one of the alternatives).
@@ -69,7 +79,7 @@ def _compile(template: str) -> tuple[re.Pattern[str], str]:
   """A full-match regex and a ``str.format`` string for a template."""
   regex, fmt, pos = [], [], 0
   for m in _FIELD.finditer(template):
-    literal = template[pos:m.start()]
+    literal = template[pos : m.start()]
     regex.append(re.escape(literal) + rf"(?P<{m[1]}>{m[2] or r'[0-9]+'})")
     fmt.append(literal.replace("{", "{{").replace("}", "}}") + "{" + m[1] + "}")
     pos = m.end()
@@ -96,10 +106,14 @@ class Rule:
   transform: Transform = IDENTITY
 
   def __post_init__(self):
-    fields = lambda t: sorted(m[1] for m in _FIELD.finditer(t))
+    def fields(t):
+      return sorted(m[1] for m in _FIELD.finditer(t))
+
     if fields(self.theirs) != fields(self.ours):
-      raise ValueError(f"Rule: templates {self.theirs!r} and {self.ours!r} must use the same "
-                       "fields")
+      raise ValueError(
+          f"Rule: templates {self.theirs!r} and {self.ours!r} must use the same "
+          "fields"
+      )
     object.__setattr__(self, "_theirs", _compile(self.theirs))
     object.__setattr__(self, "_ours", _compile(self.ours))
 
@@ -136,9 +150,17 @@ def _fmt(entries: Sequence[str], limit: int = 20) -> str:
   return shown + more
 
 
-def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *,
-                 ignore: Sequence[str] = (), allow_missing: Sequence[str] = (),
-                 rename=None, unrename=None, owner: str = "import_state") -> Any:
+def import_state(
+    state: Mapping[str, Any],
+    target: Any,
+    rules: Sequence[Rule],
+    *,
+    ignore: Sequence[str] = (),
+    allow_missing: Sequence[str] = (),
+    rename=None,
+    unrename=None,
+    owner: str = "import_state",
+) -> Any:
   """Maps a flat checkpoint onto ``target``'s tree, checking every name and shape.
 
   Args:
@@ -161,7 +183,10 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
   Raises:
     ValueError: listing all missing keys, unexpected keys and shape mismatches.
   """
-  want = {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  want = {
+      path_str(p): leaf
+      for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+  }
   ignore_re = [re.compile(p) for p in ignore]
   missing_ok = [re.compile(p) for p in allow_missing]
   found: dict[str, np.ndarray] = {}
@@ -173,15 +198,23 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
       continue
     rule, path = _lookup(rules, key, ours=False)
     if rule is None or path not in want:
-      unexpected.append(f"'{name}'" if path is None
-                        else f"'{name}' (-> '{path}', not in the model)")
+      unexpected.append(
+          f"'{name}'"
+          if path is None
+          else f"'{name}' (-> '{path}', not in the model)"
+      )
       continue
     value = np.asarray(value)
     expected = _shape(want[path])
-    if not rule.transform.ndim_ok(value) or rule.transform.to_ours(value).shape != expected:
+    if (
+        not rule.transform.ndim_ok(value)
+        or rule.transform.to_ours(value).shape != expected
+    ):
       misshapen.add(path)
-      wrong.append(f"'{name}': checkpoint shape {value.shape}, model expects "
-                   f"{rule.transform.theirs_shape(expected)} (our '{path}' is {expected})")
+      wrong.append(
+          f"'{name}': checkpoint shape {value.shape}, model expects "
+          f"{rule.transform.theirs_shape(expected)} (our '{path}' is {expected})"
+      )
       continue
     if path in found:
       unexpected.append(f"'{name}' (a second value for '{path}')")
@@ -208,8 +241,10 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
     if missing:
       lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
     if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}; "
-                   "pass ignore=[regex, ...] to skip them")
+      lines.append(
+          f"  unexpected keys ({len(unexpected)}): {_fmt(unexpected)}; "
+          "pass ignore=[regex, ...] to skip them"
+      )
     if wrong:
       lines.append(f"  wrong shapes ({len(wrong)}): {_fmt(wrong)}")
     raise ValueError("\n".join(lines))
@@ -221,8 +256,13 @@ def import_state(state: Mapping[str, Any], target: Any, rules: Sequence[Rule], *
   return jax.tree_util.tree_map_with_path(fill, target)
 
 
-def export_state(tree: Any, rules: Sequence[Rule], *, unrename=None,
-                 owner: str = "export_state") -> dict[str, np.ndarray]:
+def export_state(
+    tree: Any,
+    rules: Sequence[Rule],
+    *,
+    unrename=None,
+    owner: str = "export_state",
+) -> dict[str, np.ndarray]:
   """The inverse of :func:`import_state`: a flat ``{checkpoint name: numpy array}``.
 
   ``unrename`` maps the table's names to the checkpoint's (see :func:`import_state`).
@@ -249,30 +289,71 @@ def export_state(tree: Any, rules: Sequence[Rule], *, unrename=None,
 
 # Encoder rows, relative to the BERT module (HF's BertModel, our BertModel).
 BERT_RULES = (
-    Rule("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding"),
-    Rule("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding"),
-    Rule("embeddings.token_type_embeddings.weight",
-         "embeddings/token_type_embeddings/embedding"),
+    Rule(
+        "embeddings.word_embeddings.weight",
+        "embeddings/word_embeddings/embedding",
+    ),
+    Rule(
+        "embeddings.position_embeddings.weight",
+        "embeddings/position_embeddings/embedding",
+    ),
+    Rule(
+        "embeddings.token_type_embeddings.weight",
+        "embeddings/token_type_embeddings/embedding",
+    ),
     Rule("embeddings.LayerNorm.weight", "embeddings/norm/scale"),
     Rule("embeddings.LayerNorm.bias", "embeddings/norm/bias"),
-    Rule("encoder.layer.{i}.attention.self.{qkv:query|key|value}.weight",
-         "encoder/layer_{i}/attention/{qkv:query|key|value}/kernel", LINEAR),
-    Rule("encoder.layer.{i}.attention.self.{qkv:query|key|value}.bias",
-         "encoder/layer_{i}/attention/{qkv:query|key|value}/bias"),
-    Rule("encoder.layer.{i}.attention.output.dense.weight",
-         "encoder/layer_{i}/attention/out/kernel", LINEAR),
-    Rule("encoder.layer.{i}.attention.output.dense.bias", "encoder/layer_{i}/attention/out/bias"),
-    Rule("encoder.layer.{i}.attention.output.LayerNorm.weight",
-         "encoder/layer_{i}/attention_norm/scale"),
-    Rule("encoder.layer.{i}.attention.output.LayerNorm.bias",
-         "encoder/layer_{i}/attention_norm/bias"),
-    Rule("encoder.layer.{i}.intermediate.dense.weight",
-         "encoder/layer_{i}/intermediate/kernel", LINEAR),
-    Rule("encoder.layer.{i}.intermediate.dense.bias", "encoder/layer_{i}/intermediate/bias"),
-    Rule("encoder.layer.{i}.output.dense.weight", "encoder/layer_{i}/output/kernel", LINEAR),
-    Rule("encoder.layer.{i}.output.dense.bias", "encoder/layer_{i}/output/bias"),
-    Rule("encoder.layer.{i}.output.LayerNorm.weight", "encoder/layer_{i}/output_norm/scale"),
-    Rule("encoder.layer.{i}.output.LayerNorm.bias", "encoder/layer_{i}/output_norm/bias"),
+    Rule(
+        "encoder.layer.{i}.attention.self.{qkv:query|key|value}.weight",
+        "encoder/layer_{i}/attention/{qkv:query|key|value}/kernel",
+        LINEAR,
+    ),
+    Rule(
+        "encoder.layer.{i}.attention.self.{qkv:query|key|value}.bias",
+        "encoder/layer_{i}/attention/{qkv:query|key|value}/bias",
+    ),
+    Rule(
+        "encoder.layer.{i}.attention.output.dense.weight",
+        "encoder/layer_{i}/attention/out/kernel",
+        LINEAR,
+    ),
+    Rule(
+        "encoder.layer.{i}.attention.output.dense.bias",
+        "encoder/layer_{i}/attention/out/bias",
+    ),
+    Rule(
+        "encoder.layer.{i}.attention.output.LayerNorm.weight",
+        "encoder/layer_{i}/attention_norm/scale",
+    ),
+    Rule(
+        "encoder.layer.{i}.attention.output.LayerNorm.bias",
+        "encoder/layer_{i}/attention_norm/bias",
+    ),
+    Rule(
+        "encoder.layer.{i}.intermediate.dense.weight",
+        "encoder/layer_{i}/intermediate/kernel",
+        LINEAR,
+    ),
+    Rule(
+        "encoder.layer.{i}.intermediate.dense.bias",
+        "encoder/layer_{i}/intermediate/bias",
+    ),
+    Rule(
+        "encoder.layer.{i}.output.dense.weight",
+        "encoder/layer_{i}/output/kernel",
+        LINEAR,
+    ),
+    Rule(
+        "encoder.layer.{i}.output.dense.bias", "encoder/layer_{i}/output/bias"
+    ),
+    Rule(
+        "encoder.layer.{i}.output.LayerNorm.weight",
+        "encoder/layer_{i}/output_norm/scale",
+    ),
+    Rule(
+        "encoder.layer.{i}.output.LayerNorm.bias",
+        "encoder/layer_{i}/output_norm/bias",
+    ),
     Rule("pooler.dense.weight", "pooler/kernel", LINEAR),
     Rule("pooler.dense.bias", "pooler/bias"),
 )
@@ -298,9 +379,13 @@ initialised params as ``target`` to keep a freshly initialised head."""
 def _bert_rules(target: Any) -> tuple[tuple[Rule, ...], bool]:
   """The table for ``target``: prefixed with ``bert.``/``bert/`` for task models."""
   if not isinstance(target, Mapping):
-    raise TypeError(f"BERT conversion: params must be a dict tree, got {type(target).__name__}")
+    raise TypeError(
+        f"BERT conversion: params must be a dict tree, got {type(target).__name__}"
+    )
   if set(target) == {"params"}:
-    raise ValueError("BERT conversion: pass variables['params'], not the variables dict")
+    raise ValueError(
+        "BERT conversion: pass variables['params'], not the variables dict"
+    )
   if "bert" not in target:
     return BERT_RULES + BERT_HEAD_RULES, False
   encoder = tuple(r.prefixed("bert.", "bert/") for r in BERT_RULES)
@@ -316,8 +401,13 @@ def _hf_bert_name(name: str, prefixed: bool) -> str:
   return "bert." + bare if prefixed and not head else bare
 
 
-def import_bert(state: Mapping[str, Any], target: Any, *, ignore: Sequence[str] = BERT_IGNORED,
-                allow_missing: Sequence[str] = ()) -> Any:
+def import_bert(
+    state: Mapping[str, Any],
+    target: Any,
+    *,
+    ignore: Sequence[str] = BERT_IGNORED,
+    allow_missing: Sequence[str] = (),
+) -> Any:
   """Converts a Hugging Face (PyTorch-named) BERT state dict to our params.
 
   Accepts names with or without the ``bert.`` prefix and the legacy LayerNorm
@@ -338,8 +428,15 @@ def import_bert(state: Mapping[str, Any], target: Any, *, ignore: Sequence[str] 
     ValueError: listing missing keys, unexpected keys and wrong shapes.
   """
   rules, prefixed = _bert_rules(target)
-  return import_state(state, target, rules, ignore=ignore, allow_missing=allow_missing,
-                      rename=lambda n: _hf_bert_name(n, prefixed), owner="import_bert")
+  return import_state(
+      state,
+      target,
+      rules,
+      ignore=ignore,
+      allow_missing=allow_missing,
+      rename=lambda n: _hf_bert_name(n, prefixed),
+      owner="import_bert",
+  )
 
 
 def export_bert(params: Any) -> dict[str, np.ndarray]:
@@ -351,7 +448,9 @@ def export_bert(params: Any) -> dict[str, np.ndarray]:
 def bert_abstract_params(model: Any) -> Any:
   """``variables['params']`` of a BERT module as shapes, without allocating them."""
   ids = jnp.zeros((1, 1), jnp.int32)
-  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, train=False))
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), ids, train=False)
+  )
   return variables["params"]
 
 
@@ -359,14 +458,18 @@ def _safetensors():
   try:
     import safetensors.numpy  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("reading checkpoints needs the 'safetensors' package: "
-                      "pip install safetensors (or cram_jax[models])") from e
+    raise ImportError(
+        "reading checkpoints needs the 'safetensors' package: "
+        "pip install safetensors (or cram_jax[models])"
+    ) from e
   return safetensors.numpy
 
 
 def load_bert(path: str | os.PathLike, target: Any, **kwargs) -> Any:
   """Reads a ``.safetensors`` file and runs :func:`import_bert` on it."""
-  return import_bert(_safetensors().load_file(os.fspath(path)), target, **kwargs)
+  return import_bert(
+      _safetensors().load_file(os.fspath(path)), target, **kwargs
+  )
 
 
 def save_bert(path: str | os.PathLike, params: Any) -> None:
@@ -377,18 +480,39 @@ def save_bert(path: str | os.PathLike, params: Any) -> None:
 # --------------------------------------------------------------------- torchvision
 
 # torchvision ResNet names against our *variables* (params and batch_stats).
-_BN = (("weight", "params", "scale"), ("bias", "params", "bias"),
-       ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))
+_BN = (
+    ("weight", "params", "scale"),
+    ("bias", "params", "bias"),
+    ("running_mean", "batch_stats", "mean"),
+    ("running_var", "batch_stats", "var"),
+)
 TORCHVISION_RESNET_RULES = (
     Rule("conv1.weight", "params/conv_init/kernel", CONV),
     *(Rule(f"bn1.{t}", f"{c}/bn_init/{o}") for t, c, o in _BN),
-    Rule("layer{s}.{b}.conv{k}.weight", "params/stage{s}_block{b}/conv{k}/kernel", CONV),
-    *(Rule(f"layer{{s}}.{{b}}.bn{{k}}.{t}", f"{c}/stage{{s}}_block{{b}}/bn{{k}}/{o}")
-      for t, c, o in _BN),
-    Rule("layer{s}.{b}.downsample.0.weight", "params/stage{s}_block{b}/shortcut_conv/kernel",
-         CONV),
-    *(Rule(f"layer{{s}}.{{b}}.downsample.1.{t}", f"{c}/stage{{s}}_block{{b}}/shortcut_bn/{o}")
-      for t, c, o in _BN),
+    Rule(
+        "layer{s}.{b}.conv{k}.weight",
+        "params/stage{s}_block{b}/conv{k}/kernel",
+        CONV,
+    ),
+    *(
+        Rule(
+            f"layer{{s}}.{{b}}.bn{{k}}.{t}",
+            f"{c}/stage{{s}}_block{{b}}/bn{{k}}/{o}",
+        )
+        for t, c, o in _BN
+    ),
+    Rule(
+        "layer{s}.{b}.downsample.0.weight",
+        "params/stage{s}_block{b}/shortcut_conv/kernel",
+        CONV,
+    ),
+    *(
+        Rule(
+            f"layer{{s}}.{{b}}.downsample.1.{t}",
+            f"{c}/stage{{s}}_block{{b}}/shortcut_bn/{o}",
+        )
+        for t, c, o in _BN
+    ),
     Rule("fc.weight", "params/head/kernel", LINEAR),
     Rule("fc.bias", "params/head/bias"),
 )
@@ -400,7 +524,9 @@ The table's block numbers are ours (from 1); torchvision counts from 0, and
 
 
 def _shift_block(name: str, by: int) -> str:
-  return re.sub(r"^(layer\d+\.)(\d+)\.", lambda m: f"{m[1]}{int(m[2]) + by}.", name)
+  return re.sub(
+      r"^(layer\d+\.)(\d+)\.", lambda m: f"{m[1]}{int(m[2]) + by}.", name
+  )
 
 
 def import_torchvision_resnet(state: Mapping[str, Any], target: Any) -> Any:
@@ -408,12 +534,22 @@ def import_torchvision_resnet(state: Mapping[str, Any], target: Any) -> Any:
 
   ``num_batches_tracked`` counters are skipped.
   """
-  return import_state(state, target, TORCHVISION_RESNET_RULES,
-                      ignore=(r"num_batches_tracked$",), rename=lambda n: _shift_block(n, 1),
-                      unrename=lambda n: _shift_block(n, -1), owner="import_torchvision_resnet")
+  return import_state(
+      state,
+      target,
+      TORCHVISION_RESNET_RULES,
+      ignore=(r"num_batches_tracked$",),
+      rename=lambda n: _shift_block(n, 1),
+      unrename=lambda n: _shift_block(n, -1),
+      owner="import_torchvision_resnet",
+  )
 
 
 def export_torchvision_resnet(variables: Any) -> dict[str, np.ndarray]:
   """Our ImageNet ResNet variables -> torchvision names (without ``num_batches_tracked``)."""
-  return export_state(variables, TORCHVISION_RESNET_RULES,
-                      unrename=lambda n: _shift_block(n, -1), owner="export_torchvision_resnet")
+  return export_state(
+      variables,
+      TORCHVISION_RESNET_RULES,
+      unrename=lambda n: _shift_block(n, -1),
+      owner="export_torchvision_resnet",
+  )

@@ -48,7 +48,9 @@ ModuleDef = Any
 # Variance 2 / fan_out with fan_out = k * k * C_out: He init on the backward pass.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), has variance 1/(3 fan_in).
-head_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+head_kernel_init = nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform"
+)
 
 RESNET_PRUNABLE = Selection()
 """Every conv kernel (stem and 1x1 shortcuts included) and the classifier kernel.
@@ -56,7 +58,9 @@ RESNET_PRUNABLE = Selection()
 This is the default rule of SPEC section 3, used by global-magnitude CrAM runs.
 """
 
-RESNET_UNIFORM = Selection(exclude=(r"(^|/)conv_init/kernel$", r"(^|/)head/kernel$"))
+RESNET_UNIFORM = Selection(
+    exclude=(r"(^|/)conv_init/kernel$", r"(^|/)head/kernel$")
+)
 """All conv kernels except the stem conv, and not the classifier.
 
 The reference keeps these two layers dense in its uniform (layer-wise) runs. The
@@ -84,14 +88,17 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(x)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv1")(
+        x
+    )
     y = nn.relu(self.norm(name="bn1")(y))
     y = self.conv(self.filters, (3, 3), 1, padding=1, name="conv2")(y)
     y = self.norm(name="bn2")(y)
     shortcut = x
     if x.shape != y.shape:
-      shortcut = self.conv(self.filters, (1, 1), self.strides, padding=0,
-                           name="shortcut_conv")(x)
+      shortcut = self.conv(
+          self.filters, (1, 1), self.strides, padding=0, name="shortcut_conv"
+      )(x)
       shortcut = self.norm(name="shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -118,13 +125,17 @@ class Bottleneck(nn.Module):
     out = self.filters * self.expansion
     y = self.conv(self.filters, (1, 1), 1, padding=0, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(y)
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1, name="conv2")(
+        y
+    )
     y = nn.relu(self.norm(name="bn2")(y))
     y = self.conv(out, (1, 1), 1, padding=0, name="conv3")(y)
     y = self.norm(name="bn3")(y)
     shortcut = x
     if x.shape != y.shape:
-      shortcut = self.conv(out, (1, 1), self.strides, padding=0, name="shortcut_conv")(x)
+      shortcut = self.conv(
+          out, (1, 1), self.strides, padding=0, name="shortcut_conv"
+      )(x)
       shortcut = self.norm(name="shortcut_bn")(shortcut)
     return nn.relu(y + shortcut)
 
@@ -161,15 +172,26 @@ class ResNet(nn.Module):
 
   def __post_init__(self):
     if self.stem not in _STEMS:
-      raise ValueError(f"ResNet: stem must be one of {_STEMS}, got {self.stem!r}")
+      raise ValueError(
+          f"ResNet: stem must be one of {_STEMS}, got {self.stem!r}"
+      )
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
-      raise ValueError(f"ResNet: num_classes must be a positive int, got {self.num_classes!r}")
+      raise ValueError(
+          f"ResNet: num_classes must be a positive int, got {self.num_classes!r}"
+      )
     if len(self.stage_sizes) != len(self.widths):
-      raise ValueError(f"ResNet: stage_sizes {tuple(self.stage_sizes)} and widths "
-                       f"{tuple(self.widths)} must have the same length")
-    if not (isinstance(self.block_cls, type) and issubclass(self.block_cls, nn.Module)):
-      raise TypeError(f"ResNet: block_cls must be a Module class such as BasicBlock or "
-                      f"Bottleneck, got {self.block_cls!r}")
+      raise ValueError(
+          f"ResNet: stage_sizes {tuple(self.stage_sizes)} and widths "
+          f"{tuple(self.widths)} must have the same length"
+      )
+    if not (
+        isinstance(self.block_cls, type)
+        and issubclass(self.block_cls, nn.Module)
+    ):
+      raise TypeError(
+          f"ResNet: block_cls must be a Module class such as BasicBlock or "
+          f"Bottleneck, got {self.block_cls!r}"
+      )
     super().__post_init__()
 
   @nn.compact
@@ -182,12 +204,25 @@ class ResNet(nn.Module):
         with ``mutable=['batch_stats']``); False uses the running averages.
     """
     if x.ndim != 4:
-      raise ValueError(f"ResNet: expects NHWC images with 4 dims, got shape {x.shape}")
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
-                             axis_name=self.bn_axis_name)
+      raise ValueError(
+          f"ResNet: expects NHWC images with 4 dims, got shape {x.shape}"
+      )
+    conv = functools.partial(
+        nn.Conv,
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+    )
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        axis_name=self.bn_axis_name,
+    )
     if self.stem == "cifar":
       x = conv(self.widths[0], (3, 3), 1, padding=1, name="conv_init")(x)
       x = nn.relu(norm(name="bn_init")(x))
@@ -198,18 +233,34 @@ class ResNet(nn.Module):
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(size):
         strides = 2 if i > 0 and j == 0 else 1
-        x = self.block_cls(width, strides, conv=conv, norm=norm,
-                           name=f"stage{i + 1}_block{j + 1}")(x)
+        x = self.block_cls(
+            width,
+            strides,
+            conv=conv,
+            norm=norm,
+            name=f"stage{i + 1}_block{j + 1}",
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, kernel_init=head_kernel_init, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="head")(x)
+    x = nn.Dense(
+        self.num_classes,
+        kernel_init=head_kernel_init,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="head",
+    )(x)
     return x.astype(jnp.float32)
 
 
 def _cifar_resnet(depth: int, num_classes: int, **kwargs) -> ResNet:
   blocks = (depth - 2) // 6
-  return ResNet(stage_sizes=(blocks,) * 3, widths=(16, 32, 64), block_cls=BasicBlock,
-                num_classes=num_classes, stem="cifar", **kwargs)
+  return ResNet(
+      stage_sizes=(blocks,) * 3,
+      widths=(16, 32, 64),
+      block_cls=BasicBlock,
+      num_classes=num_classes,
+      stem="cifar",
+      **kwargs,
+  )
 
 
 def ResNet8(num_classes: int = 10, **kwargs) -> ResNet:  # pylint: disable=invalid-name
@@ -252,13 +303,25 @@ def ResNet110(num_classes: int = 10, **kwargs) -> ResNet:  # pylint: disable=inv
 
 def CifarResNet18(num_classes: int = 10, **kwargs) -> ResNet:  # pylint: disable=invalid-name
   """ResNet-18 for 32x32 images: 3x3 stride-1 stem, no max-pool; 11,173,962 params (10 classes)."""
-  return ResNet(stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), block_cls=BasicBlock,
-                num_classes=num_classes, stem="cifar", **kwargs)
+  return ResNet(
+      stage_sizes=(2, 2, 2, 2),
+      widths=(64, 128, 256, 512),
+      block_cls=BasicBlock,
+      num_classes=num_classes,
+      stem="cifar",
+      **kwargs,
+  )
 
 
 def _imagenet_resnet(stage_sizes, block_cls, num_classes, **kwargs) -> ResNet:
-  return ResNet(stage_sizes=stage_sizes, widths=(64, 128, 256, 512), block_cls=block_cls,
-                num_classes=num_classes, stem="imagenet", **kwargs)
+  return ResNet(
+      stage_sizes=stage_sizes,
+      widths=(64, 128, 256, 512),
+      block_cls=block_cls,
+      num_classes=num_classes,
+      stem="imagenet",
+      **kwargs,
+  )
 
 
 def ResNet18(num_classes: int = 1000, **kwargs) -> ResNet:  # pylint: disable=invalid-name

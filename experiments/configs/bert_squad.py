@@ -22,13 +22,27 @@ def get_config(method: str = "cram+-multi"):
   c = common.base_config()
   c.task, c.dataset = "squad", "squad/v1.1"
   c.train_split, c.eval_split = "train", "validation"
-  c.bert = ml_collections.ConfigDict({"size": "base", "overrides": ml_collections.ConfigDict()})
+  c.bert = ml_collections.ConfigDict(
+      {"size": "base", "overrides": ml_collections.ConfigDict()}
+  )
   c.init_checkpoint = ""
-  c.data_options = ml_collections.ConfigDict({
-      "vocab_file": "vocab.txt", "lowercase": True, "max_seq_length": 384, "doc_stride": 128,
-      "max_query_length": 64})
+  c.data_options = ml_collections.ConfigDict(
+      {
+          "vocab_file": "vocab.txt",
+          "lowercase": True,
+          "max_seq_length": 384,
+          "doc_stride": 128,
+          "max_query_length": 64,
+      }
+  )
   c.base_optimizer = "adamw"
-  c.learning_rate, c.weight_decay, c.b1, c.b2, c.eps = 5e-5, 0.01, 0.9, 0.999, 1e-8
+  c.learning_rate, c.weight_decay, c.b1, c.b2, c.eps = (
+      5e-5,
+      0.01,
+      0.9,
+      0.999,
+      1e-8,
+  )
   c.batch_size, c.eval_batch_size = 32, 64
   c.num_epochs, c.warmup_epochs, c.schedule_per_epoch = 2, 0.2, False
   common.set_method(c, method, rho=0.005, sparsities=(0.5, 0.6, 0.7, 0.8))

@@ -76,14 +76,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def set_method(c: ml_collections.ConfigDict, method: str, *, rho: float,
-               sparsities=None, sparsity=None) -> ml_collections.ConfigDict:
+def set_method(
+    c: ml_collections.ConfigDict,
+    method: str,
+    *,
+    rho: float,
+    sparsities=None,
+    sparsity=None,
+) -> ml_collections.ConfigDict:
   """Applies a method name: 'sgd', 'sam', 'cram+-multi', 'cram+-k95', 'cram+-nm', ..."""
   c.name = method
   if method.startswith("cram+-k"):  # CrAM+-k{s}: one global sparsity s%
-    c.optimizer, c.sparsity = "cram+", sparsity if sparsity is not None else int(method[7:]) / 100
+    c.optimizer, c.sparsity = (
+        "cram+",
+        sparsity if sparsity is not None else int(method[7:]) / 100,
+    )
   elif method.startswith("cram-k"):
-    c.optimizer, c.sparsity = "cram", sparsity if sparsity is not None else int(method[6:]) / 100
+    c.optimizer, c.sparsity = (
+        "cram",
+        sparsity if sparsity is not None else int(method[6:]) / 100,
+    )
   else:
     c.optimizer = method
   if c.optimizer != "sgd" and c.optimizer != "adamw":
