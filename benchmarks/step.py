@@ -54,7 +54,7 @@ SPARSITIES = [
     0.7,
     0.8,
     0.9,
-]  # SPEC section 7, ResNet-20 Multi run
+]  # docs/method.md section 7, ResNet-20 Multi run
 CRAM_RHO = 0.2
 SAM_RHO = 0.05
 METHODS = ("SGD", "SAM", "CrAM+-Multi")

@@ -1,7 +1,7 @@
 """Re-estimating BatchNorm statistics after one-shot pruning ("BN tuning").
 
 Pruning shifts every layer's activation statistics, so the running means and
-variances learnt by the dense model no longer fit. The paper's recipe (SPEC
+variances learnt by the dense model no longer fit. The paper's recipe (docs/method.md,
 section 5): reset means to 0 and variances to 1, then run 100 train-mode forward
 batches of 128 drawn from 1000 random training images (with the training
 augmentation), letting BatchNorm's EMA (Flax ``momentum=0.9``) re-estimate them.

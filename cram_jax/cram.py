@@ -1,6 +1,6 @@
 """CrAM, the Compression-Aware Minimizer, as an optax transformation.
 
-One step (Peste et al., ICLR 2023; ``SPEC.md`` section 2), given the clean
+One step (Peste et al., ICLR 2023; ``docs/method.md`` section 2), given the clean
 gradient ``g`` at ``x`` and a ``grad_fn`` on the same minibatch:
 
 1. ``x_t = x + rho * g`` (``rho * g / (||g|| + 1e-12)`` with ``normalize=True``);

@@ -98,7 +98,7 @@ def compressions(
 
 
 def calibration_images(run: train_lib.Run) -> list[Any]:
-  """SPEC section 5: batches from 1000 random training images, training augmentation."""
+  """docs/method.md section 5: batches from 1000 random training images, training augmentation."""
   config = run.config
   source = data_lib.open_source(
       config.dataset, config.train_split, data_dir=config.get("data_dir")

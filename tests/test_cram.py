@@ -1,4 +1,4 @@
-"""CrAM's update rule against independent oracles: optax's SAM, the SPEC formula
+"""CrAM's update rule against independent oracles: optax's SAM, the closed-form step of docs/method.md
 computed by hand in NumPy on a quadratic, and a NumPy re-implementation of a
 whole multi-step run on a tiny MLP."""
 
@@ -158,7 +158,7 @@ def test_quadratic_update_equals_hand_computed_formula(
         - jnp.asarray(c_vec, jnp.float32) @ flat
     )
 
-  # The SPEC formula, by hand, in float64.
+  # The closed-form step of docs/method.md section 2, by hand, in float64.
   x = np.concatenate([w0.ravel(), v0])
   g = q @ x - c_vec
   d = g / (np.linalg.norm(g) + 1e-12) if normalize else g
@@ -215,7 +215,7 @@ def test_multi_step_mlp_matches_numpy_reimplementation(sparsity):
       tx, mlp_params(), data, lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y))
   )
 
-  # SPEC section 2, step by step, with NumPy only.
+  # docs/method.md section 2, step by step, with NumPy only.
   p = jax.tree.map(np.float64, mlp_params())
   trace = jax.tree.map(np.zeros_like, p)
   for step, (x, y) in enumerate(data):

@@ -1,4 +1,4 @@
-"""Data parallelism gives the single-device answer (SPEC section 6).
+"""Data parallelism gives the single-device answer (docs/method.md section 6).
 
 With 8 simulated CPU devices (tests/conftest.py): a few CrAM steps of the runner on
 1 device, on an 8-device mesh under `jit`, and under `pmap` end at the same params,

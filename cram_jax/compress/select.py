@@ -5,7 +5,7 @@ A leaf is addressed by its key path written as a '/'-joined string, e.g.
 NNX ``State``. A :class:`Selection` is a predicate ``(path, leaf) -> bool``; every
 compressor takes one, so the same rule works for Linen, NNX or plain dicts.
 
-The default rule is SPEC section 3: every floating-point leaf with ``ndim >= 2``
+The default rule is docs/method.md section 3: every floating-point leaf with ``ndim >= 2``
 (conv and dense kernels, the first conv and the classifier included); biases and
 normalisation scales are never pruned.
 """

@@ -9,7 +9,7 @@ Outputs: `image` float32 NHWC, normalised per channel as
 `(x / 255 - mean) / std` (or the raw uint8 with `normalize=False`, to
 normalise on the device), and `label` int32.
 
-Normalisation constants (SPEC section 7): CIFAR-10 mean (0.4914, 0.4822,
+Normalisation constants (docs/method.md section 7): CIFAR-10 mean (0.4914, 0.4822,
 0.4465), std (0.2023, 0.1994, 0.2010), the values of the CrAM reference.
 CIFAR-100 uses the same constants, so one preprocessing serves both; its own
 statistics (mean ~(0.507, 0.487, 0.441), std ~(0.267, 0.256, 0.276)) differ a

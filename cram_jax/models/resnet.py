@@ -55,7 +55,7 @@ head_kernel_init = nn.initializers.variance_scaling(
 RESNET_PRUNABLE = Selection()
 """Every conv kernel (stem and 1x1 shortcuts included) and the classifier kernel.
 
-This is the default rule of SPEC section 3, used by global-magnitude CrAM runs.
+This is the default rule of docs/method.md section 3, used by global-magnitude CrAM runs.
 """
 
 RESNET_UNIFORM = Selection(

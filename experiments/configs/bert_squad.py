@@ -1,4 +1,4 @@
-"""BERT on SQuAD v1.1 with AdamW, dense or CrAM+ (SPEC section 7: settings not public).
+"""BERT on SQuAD v1.1 with AdamW, dense or CrAM+ (docs/method.md section 7: settings not public).
 
   --config experiments/configs/bert_squad.py[:adamw | cram+-multi] \
       --config.init_checkpoint=/path/bert-base-uncased/model.safetensors \

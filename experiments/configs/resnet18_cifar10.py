@@ -1,4 +1,4 @@
-"""CIFAR ResNet-18 on CIFAR-10, CrAM+-k95 (SPEC section 7).
+"""CIFAR ResNet-18 on CIFAR-10, CrAM+-k95 (docs/method.md section 7).
 
   --config experiments/configs/resnet18_cifar10.py[:cram+-k95 | sgd]
 

@@ -1,4 +1,4 @@
-"""ResNet-20 on CIFAR-10 (SPEC section 7).
+"""ResNet-20 on CIFAR-10 (docs/method.md section 7).
 
   --config experiments/configs/resnet20_cifar10.py:sgd | sam | cram+-multi | cram+-multi-high
 

@@ -1,4 +1,4 @@
-"""ResNet-50 on ImageNet (SPEC section 7).
+"""ResNet-50 on ImageNet (docs/method.md section 7).
 
   --config experiments/configs/resnet50_imagenet.py[:cram+-multi | cram+-nm | sgd]
 
