@@ -627,21 +627,25 @@ def make_text_dataset(
     transform = GlueTransform(
         glue_task(name),
         vocab_file,
-        max_seq_length=max_seq_length or 128,
+        max_seq_length=128 if max_seq_length is None else max_seq_length,
         lowercase=lowercase,
     )
     padding = None
+  else:
+    # Checked (and the vocabulary read) before the examples are opened.
+    options = SquadOptions(
+        max_seq_length=384 if max_seq_length is None else max_seq_length,
+        doc_stride=doc_stride,
+        max_query_length=max_query_length,
+    )
+    wordpiece_tokenizer(vocab_file, lowercase=lowercase)
   if source is None:
     source = sources.open_source(name, split, data_dir=data_dir)
   if base == 'squad':
     source = SquadWindows(
         source,
         vocab_file,
-        options=SquadOptions(
-            max_seq_length=max_seq_length or 384,
-            doc_stride=doc_stride,
-            max_query_length=max_query_length,
-        ),
+        options=options,
         lowercase=lowercase,
         with_offsets=not train,
     )
