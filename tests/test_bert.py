@@ -309,3 +309,82 @@ def test_invalid_configs_and_inputs_raise():
             jax.random.key(0), jnp.zeros((4,), jnp.int32), train=False
         )
     )
+
+
+@pytest.mark.parametrize(
+    "field, value, error, message",
+    [
+        (
+            "hidden_size",
+            768.0,
+            TypeError,
+            "hidden_size must be a positive int, got float",
+        ),
+        (
+            "num_hidden_layers",
+            True,
+            TypeError,
+            "num_hidden_layers must be a positive int, got bool",
+        ),
+        (
+            "vocab_size",
+            -1,
+            ValueError,
+            "vocab_size must be a positive int, got -1",
+        ),
+        (
+            "hidden_dropout_prob",
+            "0.1",
+            TypeError,
+            "hidden_dropout_prob must be a float, got str",
+        ),
+        (
+            "attention_probs_dropout_prob",
+            -0.1,
+            ValueError,
+            r"attention_probs_dropout_prob must be in \[0, 1\)",
+        ),
+        (
+            "layer_norm_eps",
+            0.0,
+            ValueError,
+            "layer_norm_eps must be > 0, got 0.0",
+        ),
+        (
+            "initializer_range",
+            -0.02,
+            ValueError,
+            "initializer_range must be >= 0",
+        ),
+    ],
+)
+def test_bad_config_fields_are_named(field, value, error, message):
+  with pytest.raises(error, match=message):
+    B.BertConfig(**{field: value})
+
+
+def test_bad_modules_and_inputs_are_named():
+  with pytest.raises(TypeError, match="from_hf: pass the parsed config.json"):
+    B.BertConfig.from_hf("config.json")
+  with pytest.raises(TypeError, match="BertModel: config must be a BertConfig"):
+    B.BertModel(None)
+  with pytest.raises(TypeError, match="BertForQuestionAnswering: config must"):
+    B.BertForQuestionAnswering({"hidden_size": 8})
+  with pytest.raises(TypeError, match="dtype='bf16' is not a dtype"):
+    B.BertForQuestionAnswering(SMALL, dtype="bf16")
+  with pytest.raises(
+      ValueError, match="num_labels must be a positive int, got 0"
+  ):
+    B.BertForSequenceClassification(SMALL, num_labels=0)
+  with pytest.raises(
+      TypeError, match="num_labels must be a positive int, got float"
+  ):
+    B.BertForSequenceClassification(SMALL, num_labels=2.0)
+  with pytest.raises(
+      TypeError, match="input_ids must be integer token ids, got dtype float32"
+  ):
+    jax.eval_shape(
+        lambda: B.BertModel(SMALL).init(
+            jax.random.key(0), jnp.zeros((1, 4), jnp.float32), train=False
+        )
+    )

@@ -316,3 +316,137 @@ def test_torchvision_round_trip_on_a_small_imagenet_resnet():
       r"'batch_stats/stage2_block2/bn3/var'\)",
   ):
     convert.import_torchvision_resnet(state, variables)
+
+
+# ------------------------------------------------------- errors on bad inputs
+
+
+def _torch_zip(path):
+  # What torch.save writes since 1.6: a zip archive holding a pickle.
+  import zipfile
+
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+
+
+def _torch_pickle(path):
+  path.write_bytes(b"\x80\x02}q\x00.")  # legacy torch.save: a bare pickle
+
+
+def _truncated(path, good):
+  data = good.read_bytes()
+  path.write_bytes(data[: len(data) // 2])  # header intact, tensors cut
+
+
+def _short(path, good):
+  path.write_bytes(good.read_bytes()[:5])
+
+
+def _json(path):
+  path.write_text('{"hidden_size": 768}')
+
+
+@pytest.mark.parametrize(
+    "name, write, expected",
+    [
+        (
+            "pytorch_model.bin",
+            _torch_zip,
+            "is a PyTorch \\(pickle\\) checkpoint",
+        ),
+        ("old.bin", _torch_pickle, "is a PyTorch \\(pickle\\) checkpoint"),
+        ("cut.safetensors", _truncated, "is truncated, corrupt or not a"),
+        ("short.safetensors", _short, "is truncated or not a safetensors"),
+        ("empty.safetensors", lambda p: p.write_bytes(b""), "0 bytes"),
+        ("config.json", _json, "is truncated or not a safetensors"),
+    ],
+)
+def test_load_bert_names_a_file_that_is_not_safetensors(
+    tmp_path, hf_file, target, name, write, expected
+):
+  path = tmp_path / name
+  if write in (_truncated, _short):
+    write(path, hf_file)
+  else:
+    write(path)
+  with pytest.raises(ValueError, match=expected) as info:
+    convert.load_bert(path, target)
+  assert repr(str(path)) in str(info.value)
+  if name.endswith(".bin"):
+    assert "safetensors.torch.save_file" in str(info.value)
+
+
+def test_load_bert_paths(tmp_path, hf_file, params, target):
+  missing = tmp_path / "nope.safetensors"
+  with pytest.raises(FileNotFoundError, match=re.escape(repr(str(missing)))):
+    convert.load_bert(missing, target)
+  with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+    convert.load_bert(None, target)
+  # A save_pretrained directory is accepted: its model.safetensors is read.
+  saved = tmp_path / "saved"
+  saved.mkdir()
+  (saved / "model.safetensors").write_bytes(hf_file.read_bytes())
+  assert_trees_equal(convert.load_bert(saved, target), params)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(FileNotFoundError, match="directory without model"):
+    convert.load_bert(empty, target)
+  (empty / "pytorch_model.bin").write_bytes(b"PK\x03\x04")
+  with pytest.raises(FileNotFoundError, match="pytorch_model.bin, a PyTorch"):
+    convert.load_bert(empty, target)
+  (empty / "model.safetensors.index.json").write_text("{}")
+  with pytest.raises(ValueError, match="sharded checkpoint"):
+    convert.load_bert(empty, target)
+  with pytest.raises(FileNotFoundError, match="no directory"):
+    convert.save_bert(tmp_path / "no" / "x.safetensors", params)
+  with pytest.raises(FileNotFoundError, match="it is a directory"):
+    convert.save_bert(saved, params)
+
+
+def test_pattern_options(hf_file, params, target):
+  state = safetensors_numpy.load_file(str(hf_file))
+  state["cls.predictions.bias"] = np.zeros(37, np.float32)
+  # One string is one regex (it used to be split into characters).
+  assert_trees_equal(
+      convert.import_bert(state, target, ignore=r"^cls\."), params
+  )
+  assert_trees_equal(
+      convert.load_bert(hf_file, target, ignore=r"^cls\."), params
+  )
+  with pytest.raises(ValueError, match=r"ignore pattern '\(' is not a valid"):
+    convert.import_bert(state, target, ignore=["("])
+  with pytest.raises(TypeError, match="allow_missing holds int 1"):
+    convert.import_bert(state, target, allow_missing=[r"^x", 1])
+  with pytest.raises(TypeError, match="ignore must be a regex string or a"):
+    convert.import_bert(state, target, ignore=3)
+
+
+def test_trees_of_the_wrong_model(params):
+  rn = resnet.ResNet(
+      stage_sizes=(1,), widths=(4,), block_cls=resnet.BasicBlock, num_classes=3
+  )
+  rn_vars = jax.eval_shape(
+      lambda: rn.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
+  )
+  bert_state = convert.export_bert(params)
+  with pytest.raises(ValueError) as info:
+    convert.import_bert(bert_state, rn_vars["params"])
+  message = str(info.value)
+  assert "none of the checkpoint's 39 names maps onto the model's" in message
+  assert "'conv_init/kernel' (no rule maps it)" in message
+  with pytest.raises(
+      ValueError, match="another model's tree.*conv_init/kernel"
+  ):
+    convert.export_bert(rn_vars["params"])
+  with pytest.raises(ValueError, match=r"top-level keys \['embeddings'"):
+    convert.export_torchvision_resnet(params["bert"])
+  with pytest.raises(ValueError, match="whole variables"):
+    convert.import_torchvision_resnet({}, rn_vars["params"])
+  with pytest.raises(ValueError) as info:
+    convert.import_torchvision_resnet(bert_state, rn_vars)
+  assert "none of the checkpoint's 39 names" in str(info.value)
+  assert "'bert.embeddings.word_embeddings.weight'" in str(info.value)
+  with pytest.raises(TypeError, match="must be a mapping of names to arrays"):
+    convert.import_bert(list(bert_state), params)
+  with pytest.raises(TypeError, match="bert_abstract_params: model must be"):
+    convert.bert_abstract_params(rn)

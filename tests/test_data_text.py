@@ -406,3 +406,137 @@ def test_squad_train_shards_partition_windows(vocab_file):
 def test_squad_options_are_checked():
   with pytest.raises(ValueError, match='max_seq_length=10'):
     text.SquadOptions(max_seq_length=10, max_query_length=8)
+
+
+# ----------------------------------------------------------------------------
+# Careless arguments.
+
+
+def test_tokenizer_rejects_what_is_not_a_vocab_file(tmp_path, vocab_file):
+  with pytest.raises(TypeError, match='vocab_file=None must be a path'):
+    data.wordpiece_tokenizer(None)
+  with pytest.raises(FileNotFoundError, match='is a directory; pass the vocab'):
+    data.wordpiece_tokenizer(tmp_path)
+  binary = tmp_path / 'vocab.bin'
+  binary.write_bytes(b'\xff\xfe\x00\x01')
+  with pytest.raises(ValueError, match='vocab.bin.*is not a WordPiece vocab'):
+    data.wordpiece_tokenizer(binary)
+  with pytest.raises(TypeError, match="lowercase='yes' must be True or False"):
+    data.wordpiece_tokenizer(vocab_file, lowercase='yes')
+
+
+@pytest.mark.parametrize(
+    'name, options, error, message',
+    [
+        (
+            'glue/foo',
+            {},
+            ValueError,
+            "make_pipeline: name='glue/foo' is not supported",
+        ),
+        ('glue', {}, ValueError, "name='glue' is not supported"),
+        ('squad/v2.0', {}, ValueError, "name='squad/v2.0' is not supported"),
+        (
+            'glue/sst2',
+            dict(lowercase='yes'),
+            TypeError,
+            "lowercase='yes' must be True or False",
+        ),
+        (
+            'glue/sst2',
+            dict(max_seq_length=128.0),
+            TypeError,
+            'max_seq_length=128.0 must be an int',
+        ),
+        (
+            'glue/sst2',
+            dict(max_seq_length=2),
+            ValueError,
+            'GlueTransform: max_seq_length=2 must be >= 4',
+        ),
+        (
+            'squad/v1.1',
+            dict(max_seq_length=0),
+            ValueError,
+            'SquadOptions: max_seq_length=0 leaves no room',
+        ),
+        (
+            'squad/v1.1',
+            dict(doc_stride=0),
+            ValueError,
+            'SquadOptions: max_query_length=64 and doc_stride=0',
+        ),
+        (
+            'squad/v1.1',
+            dict(max_query_length=8.0),
+            TypeError,
+            'max_query_length=8.0 must be an int',
+        ),
+        (
+            'glue/sst2',
+            dict(normalize=True),
+            ValueError,
+            r"options \['normalize'\] are not supported for name='glue/sst2'",
+        ),
+    ],
+)
+def test_bad_text_arguments_are_named(
+    tmp_path, vocab_file, name, options, error, message
+):
+  # `tmp_path` holds no dataset: a check made after opening the examples
+  # would surface as FileNotFoundError instead.
+  with pytest.raises(error, match=message):
+    data.make_pipeline(
+        name,
+        'train',
+        batch_size=2,
+        train=True,
+        vocab_file=vocab_file,
+        data_dir=tmp_path,
+        **options,
+    )
+
+
+def test_postprocess_squad_rejects_mismatched_arrays():
+  examples = [{'id': b'q0', 'context': b'the cat sat'}]
+  ok = dict(
+      example_index=np.zeros(2, np.int32),
+      offsets=np.full((2, 5, 2), -1, np.int32),
+      token_is_max_context=np.zeros((2, 5), bool),
+      start_logits=np.zeros((2, 5)),
+      end_logits=np.zeros((2, 5)),
+  )
+  assert text.postprocess_squad(examples, **ok) == {'q0': ''}
+  cases = [
+      (
+          dict(example_index=np.zeros(3, np.int32)),
+          r'start_logits has shape \(2, 5\); expected \(3, length\)',
+      ),
+      (
+          dict(example_index=np.zeros(2)),
+          'example_index must be a 1-D integer array',
+      ),
+      (
+          dict(end_logits=np.zeros((2, 6))),
+          r'end_logits has shape \(2, 6\), expected \(2, 5\)',
+      ),
+      (
+          dict(offsets=np.zeros((2, 5), np.int32)),
+          r'offsets has shape \(2, 5\), expected \(2, 5, 2\)',
+      ),
+      (
+          dict(token_is_max_context=np.zeros((5, 2), bool)),
+          'token_is_max_context has shape',
+      ),
+      (
+          dict(example_index=np.array([0, 4], np.int32)),
+          'refers to example 4, but examples has 1',
+      ),
+  ]
+  for change, message in cases:
+    with pytest.raises(ValueError, match=message):
+      text.postprocess_squad(examples, **{**ok, **change})
+  with pytest.raises(TypeError, match='n_best_size=2.5 must be an int'):
+    text.postprocess_squad(examples, **ok, n_best_size=2.5)
+  with pytest.raises(ValueError, match='max_answer_length=0 must be >= 1'):
+    text.postprocess_squad(examples, **ok, max_answer_length=0)

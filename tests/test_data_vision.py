@@ -438,3 +438,171 @@ def test_ready_order_is_picklable():
   order = sampling.EpochOrder(num_records=10, per_epoch=8, train=True, seed=1)
   clone = pickle.loads(pickle.dumps(order))
   assert [clone(i) for i in range(16)] == [order(i) for i in range(16)]
+
+
+# ----------------------------------------------------------------------------
+# Careless arguments: one clear error, before any file is opened.
+
+
+@pytest.mark.parametrize(
+    'kwargs, error, message',
+    [
+        (dict(name=None), TypeError, 'name=None must be a dataset name string'),
+        (dict(name='CIFAR10'), ValueError, "name='CIFAR10' is not supported"),
+        (dict(split=None), TypeError, 'split=None must be a TFDS split string'),
+        (
+            dict(batch_size=32.0),
+            TypeError,
+            'batch_size=32.0 must be an int, not float',
+        ),
+        (
+            dict(batch_size=True),
+            TypeError,
+            'batch_size=True must be an int, not bool',
+        ),
+        (dict(batch_size='8'), TypeError, "batch_size='8' must be an int"),
+        (dict(batch_size=0), ValueError, 'batch_size=0 must be >= 1'),
+        (dict(batch_size=-4), ValueError, 'batch_size=-4 must be >= 1'),
+        (dict(train=None), TypeError, 'train=None must be True or False'),
+        (dict(train='yes'), TypeError, "train='yes' must be True or False"),
+        (dict(seed=1.0), TypeError, 'seed=1.0 must be a non-negative integer'),
+        (
+            dict(seed=None),
+            TypeError,
+            'seed=None must be a non-negative integer',
+        ),
+        (dict(seed=-1), ValueError, 'seed=-1 must be a non-negative integer'),
+        (dict(num_epochs=-1), ValueError, 'num_epochs=-1 must be >= 1'),
+        (dict(num_epochs=2.0), TypeError, 'num_epochs=2.0 must be an int'),
+        (dict(shard_count=0), ValueError, 'shard_count=0 must be >= 1'),
+        (dict(shard_index=0.0), TypeError, 'shard_index=0.0 must be an int'),
+        (
+            dict(shard_index=3, shard_count=2),
+            ValueError,
+            r'shard_index=3 must be in \[0, shard_count=2\)',
+        ),
+        (dict(num_threads=1.5), TypeError, 'num_threads=1.5 must be an int'),
+        (dict(num_threads=-1), ValueError, 'num_threads=-1 must be >= 0'),
+        (
+            dict(prefetch_buffer_size=-1),
+            ValueError,
+            'prefetch_buffer_size=-1 must be >= 0',
+        ),
+        (
+            dict(worker_count=None),
+            TypeError,
+            'worker_count=None must be an int',
+        ),
+        (dict(data_dir=5), TypeError, 'data_dir=5 must be a path'),
+        (dict(source=5), TypeError, 'source must be a random-access sequence'),
+        (
+            dict(foo=1),
+            ValueError,
+            r"options \['foo'\] are not supported for name='cifar10'; its options are \['normalize'\]",
+        ),
+        (
+            dict(normalize='no'),
+            TypeError,
+            "normalize='no' must be True or False",
+        ),
+        (
+            dict(name='imagenet2012', image_size=224.0),
+            TypeError,
+            'image_size=224.0 must be an int',
+        ),
+        (
+            dict(name='imagenet2012', image_size=256, resize_size=224),
+            ValueError,
+            'resize_size=224 must be >= image_size=256',
+        ),
+        (
+            dict(name='imagenet2012', scale=(1.0, 0.5)),
+            ValueError,
+            r'scale=\(1.0, 0.5\) must satisfy 0 < lo <= hi <= 1.0',
+        ),
+        (
+            dict(name='imagenet2012', ratio=3),
+            TypeError,
+            'ratio=3 must be a pair of numbers',
+        ),
+    ],
+)
+def test_bad_arguments_fail_before_anything_is_opened(
+    tmp_path, kwargs, error, message
+):
+  # `tmp_path` holds no dataset: a check that came after opening the source
+  # would surface as FileNotFoundError instead.
+  args = dict(
+      name='cifar10', split='train', batch_size=4, train=True, data_dir=tmp_path
+  )
+  with pytest.raises(FileNotFoundError, match='is not prepared'):
+    data.make_pipeline(**args)
+  args.update(kwargs)
+  with pytest.raises(error, match=message) as info:
+    data.make_pipeline(**args)
+  if not str(info.value).startswith(('ImageNetTransform', 'vision_transform')):
+    assert str(info.value).startswith('make_pipeline: ')
+
+
+def test_make_dataset_names_itself():
+  with pytest.raises(TypeError, match='make_dataset: batch_size=2.0 must be'):
+    data.make_dataset('digits', 'train', batch_size=2.0, train=True)
+
+
+@pytest.mark.parametrize(
+    'args, kwargs, error, message',
+    [
+        (
+            (100,),
+            dict(batch_size=0),
+            ValueError,
+            'steps_per_epoch: batch_size=0 must be >= 1',
+        ),
+        (
+            (100,),
+            dict(batch_size=2.0),
+            TypeError,
+            'steps_per_epoch: batch_size=2.0 must be an int',
+        ),
+        (
+            (100,),
+            dict(batch_size=True),
+            TypeError,
+            'batch_size=True must be an int, not bool',
+        ),
+        (
+            (-5,),
+            dict(batch_size=2),
+            ValueError,
+            'steps_per_epoch: num_records=-5 must be >= 0',
+        ),
+        (
+            (None,),
+            dict(batch_size=2),
+            TypeError,
+            'num_records=None must be an int',
+        ),
+        (
+            (10,),
+            dict(batch_size=2, shard_count=0),
+            ValueError,
+            'shard_count=0 must be >= 1',
+        ),
+        (
+            (10,),
+            dict(batch_size=2, train='yes'),
+            TypeError,
+            "train='yes' must be True or False",
+        ),
+        (
+            (3,),
+            dict(batch_size=4),
+            ValueError,
+            'batch_size=4 is larger than the 3 training examples',
+        ),
+    ],
+)
+def test_steps_per_epoch_rejects_bad_arguments(args, kwargs, error, message):
+  kwargs = {'train': True, **kwargs}
+  with pytest.raises(error, match=message):
+    data.steps_per_epoch(*args, **kwargs)

@@ -153,3 +153,19 @@ def test_worker_processes_give_the_same_batches(data_dir):
   resumed = data.make_pipeline('digits', 'train', worker_count=1, **kwargs)
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)['index'], next(workers)['index'])
+
+
+def test_prepare_digits_names_a_data_dir_it_cannot_use(tmp_path, monkeypatch):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  with pytest.raises(NotADirectoryError, match="data_dir='.*a_file' is a file"):
+    data.prepare_digits(a_file)
+  with pytest.raises(OSError, match="cannot create data_dir='.*a_file/sub'"):
+    data.prepare_digits(a_file / 'sub')
+  with pytest.raises(TypeError, match='data_dir=5 must be a path'):
+    data.prepare_digits(5)
+  # Root may write anywhere, so the permission check is driven directly.
+  monkeypatch.setattr(digits.os, 'access', lambda path, mode: False)
+  with pytest.raises(PermissionError, match="data_dir='.*ro' is not writable"):
+    data.prepare_digits(tmp_path / 'ro')
+  assert not list((tmp_path / 'ro').iterdir())  # nothing half-written

@@ -354,3 +354,83 @@ def test_invalid_options_raise():
             jax.random.key(0), jnp.zeros((32, 32, 3)), train=False
         )
     )
+
+
+def _resnet(**overrides):
+  fields = dict(
+      stage_sizes=(1,), widths=(8,), block_cls=resnet.BasicBlock, num_classes=3
+  )
+  return resnet.ResNet(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (
+            dict(num_classes=10.0),
+            TypeError,
+            "num_classes must be a positive int, got float 10.0",
+        ),
+        (
+            dict(num_classes=True),
+            TypeError,
+            "num_classes must be a positive int, got bool",
+        ),
+        (
+            dict(num_classes=-2),
+            ValueError,
+            "num_classes must be a positive int, got -2",
+        ),
+        (
+            dict(stage_sizes=(0,)),
+            ValueError,
+            r"stage_sizes\[0\] must be a positive int, got 0",
+        ),
+        (
+            dict(stage_sizes=3),
+            TypeError,
+            "stage_sizes must be a non-empty sequence",
+        ),
+        (
+            dict(stage_sizes=(), widths=()),
+            TypeError,
+            "stage_sizes must be a non-empty",
+        ),
+        (
+            dict(widths=(8.5,)),
+            TypeError,
+            r"widths\[0\] must be a positive int, got float",
+        ),
+        (
+            dict(block_cls=resnet.nn.Dense),
+            TypeError,
+            r"block_cls=Dense lacks the fields \['conv', 'filters', 'norm', 'strides'\]",
+        ),
+        (
+            dict(block_cls=resnet.BasicBlock(8, 1, None, None)),
+            TypeError,
+            "block_cls must be a Module class",
+        ),
+        (dict(dtype="bf16"), TypeError, "dtype='bf16' is not a dtype"),
+        (
+            dict(param_dtype="fp32"),
+            TypeError,
+            "param_dtype='fp32' is not a dtype",
+        ),
+    ],
+)
+def test_bad_fields_are_named_when_the_model_is_built(
+    overrides, error, message
+):
+  with pytest.raises(error, match=message):
+    _resnet(**overrides)
+
+
+def test_numpy_ints_are_sizes():
+  model = _resnet(num_classes=np.int64(3), stage_sizes=(np.int32(1),))
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False
+      )
+  )
+  assert shapes["params"]["head"]["kernel"].shape == (8, 3)

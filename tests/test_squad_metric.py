@@ -73,3 +73,66 @@ def test_evaluate_percentages_and_missing_predictions():
   assert result['num_questions'] == 4 and result['num_missing'] == 1
   with pytest.raises(ValueError, match='empty'):
     sm.evaluate({}, {})
+
+
+@pytest.mark.parametrize(
+    'predictions, references, error, message',
+    [
+        (
+            None,
+            {'q': ['a']},
+            TypeError,
+            'predictions must be a dict keyed by question id',
+        ),
+        (
+            ['a'],
+            {'q': ['a']},
+            TypeError,
+            'predictions must be a dict keyed by question id, got list',
+        ),
+        ({'q': 'a'}, [('q', ['a'])], TypeError, 'references must be a dict'),
+        (
+            {'q': ['a']},
+            {'q': ['a']},
+            TypeError,
+            r"predictions\['q'\] must be the answer text \(a str\), got list",
+        ),
+        (
+            {'q': None},
+            {'q': ['a']},
+            TypeError,
+            r"predictions\['q'\] must be the answer text",
+        ),
+        # A bare string would be scored as one-character answers.
+        (
+            {'q': 'a'},
+            {'q': 'a b'},
+            TypeError,
+            r"references\['q'\] must be a list of gold answer texts, got str",
+        ),
+        ({'q': 'a'}, {'q': [1]}, TypeError, r"references\['q'\] holds int 1"),
+        (
+            {'q': 'a'},
+            {'q': []},
+            ValueError,
+            r"references\['q'\] has no ground truth answers",
+        ),
+        (
+            {'x': 'a', 'y': 'b'},
+            {'q': ['a']},
+            ValueError,
+            'none of the 2 prediction ids is among the 1 reference ids',
+        ),
+    ],
+)
+def test_evaluate_rejects_mismatched_inputs(
+    predictions, references, error, message
+):
+  with pytest.raises(error, match=message):
+    sm.evaluate(predictions, references)
+
+
+def test_evaluate_scores_no_predictions_as_zero():
+  # Nothing predicted is a valid (if poor) submission, not a mismatch.
+  result = sm.evaluate({}, {'q': ['a']})
+  assert result['exact_match'] == 0.0 and result['num_missing'] == 1

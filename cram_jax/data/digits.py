@@ -106,6 +106,28 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       }
 
 
+def _check_writable(data_dir: str) -> None:
+  """Raises, naming `data_dir`, unless the dataset can be written there."""
+  if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise NotADirectoryError(
+        f'prepare_digits: data_dir={data_dir!r} is a file, not a directory'
+    )
+  try:
+    os.makedirs(data_dir, exist_ok=True)
+  except OSError as e:
+    raise type(e)(
+        e.errno,
+        f'prepare_digits: cannot create data_dir={data_dir!r} ({e.strerror});'
+        ' pass a writable directory, or set $CRAM_JAX_DATA_DIR',
+    ) from None
+  if not os.access(data_dir, os.W_OK | os.X_OK):
+    raise PermissionError(
+        f'prepare_digits: data_dir={data_dir!r} is not writable, and digits'
+        ' is not prepared there yet; pass a writable directory, or set'
+        ' $CRAM_JAX_DATA_DIR'
+    )
+
+
 def prepare_digits(data_dir: str | os.PathLike | None = None) -> Digits:
   """Builds `digits` as ArrayRecord in `data_dir` unless already there.
 
@@ -116,11 +138,22 @@ def prepare_digits(data_dir: str | os.PathLike | None = None) -> Digits:
   Returns:
     The prepared builder; `builder.as_data_source('train')` reads it, as does
     `tfds.data_source('digits', split='train', data_dir=data_dir)`.
+
+  Raises:
+    TypeError: `data_dir` is not a path.
+    OSError (NotADirectoryError, PermissionError, ...): `data_dir` is a file,
+      cannot be created, or is not writable while digits is not prepared in
+      it. The message names `data_dir`.
   """
-  builder = Digits(
-      data_dir=sources.resolve_data_dir(data_dir), file_format='array_record'
-  )
+  if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+    raise TypeError(
+        f'prepare_digits: data_dir={data_dir!r} must be a path (str or'
+        ' os.PathLike) or None'
+    )
+  data_dir = sources.resolve_data_dir(data_dir)
+  builder = Digits(data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
+    _check_writable(data_dir)
     builder.download_and_prepare(
         file_format='array_record',
         download_config=tfds.download.DownloadConfig(try_download_gcs=False),

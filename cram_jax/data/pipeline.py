@@ -19,6 +19,89 @@ import grain
 
 from cram_jax.data import sampling, text, vision
 
+# Dataset options (`**options`) each family accepts, for one clear error.
+_VISION_OPTIONS = ('normalize',)
+_IMAGENET_OPTIONS = ('normalize', 'image_size', 'resize_size', 'scale', 'ratio')
+_TEXT_OPTIONS = (
+    'vocab_file',
+    'lowercase',
+    'max_seq_length',
+    'doc_stride',
+    'max_query_length',
+)
+
+
+def _supported_names() -> str:
+  return (
+      f'{list(vision.VISION_DATASETS)},'
+      f' {["glue/" + t for t in text.GLUE_TEXT_FIELDS]} or'
+      " 'squad/v1.1'"
+  )
+
+
+def _family(owner: str, name: Any) -> str:
+  """`'vision'` or `'text'` for a dataset name; raises on anything else."""
+  if not isinstance(name, str):
+    raise TypeError(
+        f'{owner}: name={name!r} must be a dataset name string; use one of'
+        f' {_supported_names()}'
+    )
+  base = name.split('/')[0].split(':')[0]
+  if base in vision.VISION_DATASETS:
+    return 'vision'
+  config = name.split(':')[0].split('/')[1:]
+  if base == 'glue' and len(config) == 1 and config[0] in text.GLUE_TEXT_FIELDS:
+    return 'text'
+  # SQuAD v2.0 has unanswerable questions, which the windows do not model.
+  if base == 'squad' and config in ([], ['v1.1']):
+    return 'text'
+  raise ValueError(
+      f'{owner}: name={name!r} is not supported; use one of'
+      f' {_supported_names()}'
+  )
+
+
+def _build(
+    owner: str,
+    name: str,
+    split: str,
+    common: dict[str, Any],
+    options: dict[str, Any],
+) -> grain.MapDataset:
+  """Checks every argument, then builds the dataset (nothing opened before)."""
+  family = _family(owner, name)
+  if not isinstance(split, str):
+    raise TypeError(
+        f'{owner}: split={split!r} must be a TFDS split string such as'
+        " 'train', 'test' or 'validation[:10%]'"
+    )
+  sampling.check_args(
+      owner,
+      **{k: common[k] for k in common if k not in ('data_dir',)},
+  )
+  data_dir = common['data_dir']
+  if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+    raise TypeError(
+        f'{owner}: data_dir={data_dir!r} must be a path (str or'
+        ' os.PathLike) or None'
+    )
+  base = name.split('/')[0].split(':')[0]
+  if family == 'text':
+    allowed = _TEXT_OPTIONS
+  elif base == 'imagenet2012':
+    allowed = _IMAGENET_OPTIONS
+  else:
+    allowed = _VISION_OPTIONS
+  unknown = sorted(set(options) - set(allowed))
+  if unknown:
+    raise ValueError(
+        f'{owner}: options {unknown} are not supported for name={name!r};'
+        f' its options are {list(allowed)}'
+    )
+  if family == 'vision':
+    return vision.make_vision_dataset(base, split, **common, **options)
+  return text.make_text_dataset(name, split, **common, **options)
+
 
 def make_dataset(
     name: str,
@@ -37,7 +120,7 @@ def make_dataset(
   """Returns the batched `grain.MapDataset` of a dataset (random access).
 
   `len(ds)` is the number of batches when `num_epochs` is finite; `ds[k]` is
-  batch `k`. Arguments as in `make_pipeline`.
+  batch `k`. Arguments and errors as in `make_pipeline`.
   """
   common = dict(
       batch_size=batch_size,
@@ -49,16 +132,7 @@ def make_dataset(
       num_epochs=num_epochs,
       source=source,
   )
-  base = name.split('/')[0].split(':')[0]
-  if base in vision.VISION_DATASETS:
-    return vision.make_vision_dataset(base, split, **common, **options)
-  if base in ('glue', 'squad'):
-    return text.make_text_dataset(name, split, **common, **options)
-  raise ValueError(
-      f'make_pipeline: name={name!r} is not supported; use one of'
-      f' {list(vision.VISION_DATASETS)}, '
-      f"{['glue/' + t for t in text.GLUE_TEXT_FIELDS]} or 'squad/v1.1'"
-  )
+  return _build('make_dataset', name, split, common, options)
 
 
 def make_pipeline(
@@ -129,11 +203,19 @@ def make_pipeline(
   Raises:
     FileNotFoundError: the dataset is not prepared in `data_dir` (the
       message says how to prepare it).
-    ValueError: an unknown name, split or option value.
+    TypeError: an argument of the wrong type, e.g. `name=None`,
+      `batch_size=32.0`, `train=None`, `num_threads=1.5`. Checked before
+      anything is opened or built.
+    ValueError: an unknown name, split or option, or a value out of range
+      (`batch_size=0`, `seed=-1`, `num_epochs=0`, `worker_count=-1`, ...).
   """
-  dataset = make_dataset(
-      name,
-      split,
+  sampling.check_iterator_args(
+      'make_pipeline',
+      num_threads=num_threads,
+      prefetch_buffer_size=prefetch_buffer_size,
+      worker_count=worker_count,
+  )
+  common = dict(
       batch_size=batch_size,
       train=train,
       seed=seed,
@@ -142,8 +224,8 @@ def make_pipeline(
       shard_count=shard_count,
       num_epochs=num_epochs,
       source=source,
-      **options,
   )
+  dataset = _build('make_pipeline', name, split, common, options)
   return sampling.to_iterator(
       dataset,
       num_threads=num_threads,

@@ -45,14 +45,70 @@ _SHUFFLE_TAG = 0x5EED0001
 _AUGMENT_TAG = 0x5EED0002
 
 
-def check_sharding(shard_index: int, shard_count: int) -> None:
-  """Raises ValueError unless `0 <= shard_index < shard_count`."""
-  if shard_count < 1:
-    raise ValueError(f'shard_count={shard_count} must be >= 1')
+def check_int(
+    owner: str, name: str, value: Any, *, minimum: int | None = None
+) -> int:
+  """Returns `value` as an int, or raises naming `owner` and `name`.
+
+  Raises:
+    TypeError: `value` is not an integer (floats such as 32.0 and bools
+      included: they are mistakes, not sizes).
+    ValueError: `value < minimum`.
+  """
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)
+  ):
+    raise TypeError(
+        f'{owner}: {name}={value!r} must be an int, not'
+        f' {type(value).__name__}'
+    )
+  if minimum is not None and value < minimum:
+    raise ValueError(f'{owner}: {name}={value!r} must be >= {minimum}')
+  return int(value)
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+  """Returns `value` as a bool, or raises TypeError naming `owner` and `name`."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(
+        f'{owner}: {name}={value!r} must be True or False, not'
+        f' {type(value).__name__}'
+    )
+  return bool(value)
+
+
+def check_sharding(
+    shard_index: int, shard_count: int, owner: str = 'check_sharding'
+) -> None:
+  """Raises unless `shard_index` and `shard_count` are ints, `0 <= index < count`."""
+  check_int(owner, 'shard_count', shard_count, minimum=1)
+  check_int(owner, 'shard_index', shard_index)
   if not 0 <= shard_index < shard_count:
     raise ValueError(
-        f'shard_index={shard_index} must be in [0, shard_count={shard_count})'
+        f'{owner}: shard_index={shard_index} must be in [0,'
+        f' shard_count={shard_count})'
     )
+
+
+def _examples_per_epoch(
+    owner: str, num_records: int, batch_size: int, train: bool, shard_count: int
+) -> int:
+  check_int(owner, 'num_records', num_records, minimum=0)
+  check_int(owner, 'batch_size', batch_size, minimum=1)
+  check_bool(owner, 'train', train)
+  check_int(owner, 'shard_count', shard_count, minimum=1)
+  per_shard, rest = divmod(num_records, shard_count)
+  if train:
+    steps = per_shard // batch_size
+    if steps == 0:
+      raise ValueError(
+          f'batch_size={batch_size} is larger than the {per_shard}'
+          f' training examples of each of the shard_count={shard_count}'
+          f' shards ({num_records} examples in all)'
+      )
+    return steps * batch_size
+  per_shard += rest > 0
+  return -(-per_shard // batch_size) * batch_size
 
 
 def examples_per_epoch(
@@ -69,32 +125,24 @@ def examples_per_epoch(
   Returns:
     A multiple of `batch_size`.
   """
-  if batch_size < 1:
-    raise ValueError(f'batch_size={batch_size} must be >= 1')
-  per_shard, rest = divmod(num_records, shard_count)
-  if train:
-    steps = per_shard // batch_size
-    if steps == 0:
-      raise ValueError(
-          f'batch_size={batch_size} is larger than the {per_shard}'
-          f' training examples of each of the shard_count={shard_count}'
-          f' shards ({num_records} examples in all)'
-      )
-    return steps * batch_size
-  per_shard += rest > 0
-  return -(-per_shard // batch_size) * batch_size
+  return _examples_per_epoch(
+      'examples_per_epoch', num_records, batch_size, train, shard_count
+  )
 
 
 def steps_per_epoch(
     num_records: int, *, batch_size: int, train: bool, shard_count: int = 1
 ) -> int:
-  """Number of batches per epoch on each process (see module docstring)."""
+  """Number of batches per epoch on each process (see module docstring).
+
+  Raises:
+    TypeError: an argument of the wrong type (e.g. `batch_size=32.0`).
+    ValueError: `batch_size < 1`, `shard_count < 1`, `num_records < 0`, or
+      (training) fewer records per shard than `batch_size`.
+  """
   return (
-      examples_per_epoch(
-          num_records,
-          batch_size=batch_size,
-          train=train,
-          shard_count=shard_count,
+      _examples_per_epoch(
+          'steps_per_epoch', num_records, batch_size, train, shard_count
       )
       // batch_size
   )
@@ -212,6 +260,48 @@ class ReadAndTransform:
     return state
 
 
+def check_args(
+    owner: str,
+    *,
+    batch_size: Any,
+    train: Any,
+    seed: Any,
+    shard_index: Any,
+    shard_count: Any,
+    num_epochs: Any,
+    source: Any,
+) -> None:
+  """Checks the arguments every pipeline shares; messages name `owner`.
+
+  Raises:
+    TypeError: an argument of the wrong type (`batch_size=32.0`, `train=None`,
+      `num_epochs=1.5`, a `source` without `len` and indexing, ...).
+    ValueError: an int out of range (`batch_size < 1`, `seed < 0`,
+      `num_epochs < 1`, `shard_index` outside `[0, shard_count)`).
+  """
+  check_int(owner, 'batch_size', batch_size, minimum=1)
+  check_bool(owner, 'train', train)
+  if isinstance(seed, (bool, np.bool_)) or not isinstance(
+      seed, (int, np.integer)
+  ):
+    raise TypeError(
+        f'{owner}: seed={seed!r} must be a non-negative integer, not'
+        f' {type(seed).__name__}'
+    )
+  if seed < 0:
+    raise ValueError(f'{owner}: seed={seed!r} must be a non-negative integer')
+  check_sharding(shard_index, shard_count, owner)
+  if num_epochs is not None:
+    check_int(owner, 'num_epochs', num_epochs, minimum=1)
+  if source is not None and not (
+      hasattr(source, '__len__') and hasattr(source, '__getitem__')
+  ):
+    raise TypeError(
+        f'{owner}: source must be a random-access sequence of examples (with'
+        f' len() and [i]), got {type(source).__name__}'
+    )
+
+
 def batched_dataset(
     source: Sequence[Mapping[str, Any]],
     transform: Transform,
@@ -246,18 +336,23 @@ def batched_dataset(
     each with `index` (int32 record index, -1 for padding) and `mask`
     (bool, False for padding).
   """
-  check_sharding(shard_index, shard_count)
-  if not isinstance(seed, (int, np.integer)) or seed < 0:
-    raise ValueError(f'seed={seed!r} must be a non-negative integer')
-  if num_epochs is not None and num_epochs < 1:
-    raise ValueError(f'num_epochs={num_epochs} must be >= 1 or None')
+  check_args(
+      'batched_dataset',
+      batch_size=batch_size,
+      train=train,
+      seed=seed,
+      shard_index=shard_index,
+      shard_count=shard_count,
+      num_epochs=num_epochs,
+      source=source,
+  )
   if num_epochs is None and not train:
     num_epochs = 1
   num_records = len(source)
   if num_records == 0:
     raise ValueError('batched_dataset: the source has no examples')
-  per_epoch = examples_per_epoch(
-      num_records, batch_size=batch_size, train=train, shard_count=shard_count
+  per_epoch = _examples_per_epoch(
+      'batched_dataset', num_records, batch_size, train, shard_count
   )
   order = EpochOrder(
       num_records=num_records,
@@ -281,6 +376,19 @@ def batched_dataset(
   return ds.batch(batch_size, drop_remainder=True)
 
 
+def check_iterator_args(
+    owner: str,
+    *,
+    num_threads: Any,
+    prefetch_buffer_size: Any,
+    worker_count: Any,
+) -> None:
+  """Raises TypeError/ValueError unless the three are ints >= 0."""
+  check_int(owner, 'num_threads', num_threads, minimum=0)
+  check_int(owner, 'prefetch_buffer_size', prefetch_buffer_size, minimum=0)
+  check_int(owner, 'worker_count', worker_count, minimum=0)
+
+
 def to_iterator(
     dataset: grain.MapDataset,
     *,
@@ -302,11 +410,12 @@ def to_iterator(
     A `grain.DatasetIterator`: `next(it)`, `it.get_state()`,
     `it.set_state(state)`.
   """
-  if num_threads < 0 or worker_count < 0:
-    raise ValueError(
-        f'num_threads={num_threads} and worker_count={worker_count} must be'
-        ' >= 0'
-    )
+  check_iterator_args(
+      'to_iterator',
+      num_threads=num_threads,
+      prefetch_buffer_size=prefetch_buffer_size,
+      worker_count=worker_count,
+  )
   read_options = grain.ReadOptions(
       num_threads=num_threads,
       prefetch_buffer_size=prefetch_buffer_size if num_threads else 0,

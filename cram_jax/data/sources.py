@@ -66,6 +66,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> str:
   """Returns `data_dir` as a string, or `default_data_dir()` if it is None."""
   if data_dir is None:
     return default_data_dir()
+  if not isinstance(data_dir, (str, os.PathLike)):
+    raise TypeError(
+        f'data_dir={data_dir!r} must be a path (str or os.PathLike) or None'
+    )
   return os.path.expanduser(os.fspath(data_dir))
 
 
@@ -125,6 +129,16 @@ def open_source(
     ValueError: unknown dataset name or split, or data in a format without
       random access.
   """
+  if not isinstance(name, str):
+    raise TypeError(
+        f'open_source: name={name!r} must be a TFDS name string such as'
+        " 'cifar10' or 'glue/sst2'"
+    )
+  if not isinstance(split, str):
+    raise TypeError(
+        f'open_source: split={split!r} must be a split string such as'
+        " 'train' or 'validation[:10%]'"
+    )
   data_dir = resolve_data_dir(data_dir)
   if name.split('/')[0].split(':')[0] == 'digits':
     # Also registers the `digits` builder with TFDS.

@@ -59,6 +59,50 @@ def max_over_ground_truths(
   return max(metric(prediction, truth) for truth in ground_truths)
 
 
+def _check_inputs(
+    predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
+) -> None:
+  """Raises on inputs the official script would mis-score silently."""
+  for name, value in (('predictions', predictions), ('references', references)):
+    if not isinstance(value, Mapping):
+      raise TypeError(
+          f'evaluate: {name} must be a dict keyed by question id, got'
+          f' {type(value).__name__}'
+      )
+  if not references:
+    raise ValueError('evaluate: references is empty')
+  for qid, text in predictions.items():
+    if not isinstance(text, str):
+      raise TypeError(
+          f'evaluate: predictions[{qid!r}] must be the answer text (a str),'
+          f' got {type(text).__name__} {text!r}'
+      )
+  for qid, truths in references.items():
+    # A bare string would be scored as a list of one-character answers.
+    if isinstance(truths, str) or not isinstance(truths, Sequence):
+      raise TypeError(
+          f'evaluate: references[{qid!r}] must be a list of gold answer'
+          f' texts, got {type(truths).__name__} {truths!r}'
+      )
+    if not truths:
+      raise ValueError(
+          f'evaluate: references[{qid!r}] has no ground truth answers'
+      )
+    for truth in truths:
+      if not isinstance(truth, str):
+        raise TypeError(
+            f'evaluate: references[{qid!r}] holds {type(truth).__name__}'
+            f' {truth!r}; gold answers must be strings'
+        )
+  if predictions and not any(qid in references for qid in predictions):
+    raise ValueError(
+        f'evaluate: none of the {len(predictions)} prediction ids is among'
+        f' the {len(references)} reference ids (e.g. {next(iter(predictions))!r}'
+        f' vs {next(iter(references))!r}): predictions and references come'
+        ' from different splits or datasets'
+    )
+
+
 def evaluate(
     predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]
 ) -> dict[str, float]:
@@ -72,9 +116,14 @@ def evaluate(
   Returns:
     `{'exact_match': ..., 'f1': ..., 'num_questions': ...,
     'num_missing': ...}`.
+
+  Raises:
+    TypeError: not dicts, a prediction that is not a string, or references
+      that are not lists of strings (a bare string included).
+    ValueError: no references, a question without gold answers, or no
+      prediction id among the reference ids.
   """
-  if not references:
-    raise ValueError('evaluate: references is empty')
+  _check_inputs(predictions, references)
   exact = f1 = 0.0
   missing = 0
   for qid, truths in references.items():

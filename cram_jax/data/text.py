@@ -75,13 +75,36 @@ def wordpiece_tokenizer(
     A `tokenizers.Tokenizer` that adds `[CLS] A [SEP] (B [SEP])` and type
     ids 0/1 when `add_special_tokens=True`.
   """
+  owner = 'wordpiece_tokenizer'
+  if not isinstance(vocab_file, (str, os.PathLike)):
+    raise TypeError(
+        f'{owner}: vocab_file={vocab_file!r} must be a path to the BERT'
+        " checkpoint's vocab.txt"
+    )
+  sampling.check_bool(owner, 'lowercase', lowercase)
   vocab_file = os.fspath(vocab_file)
+  if os.path.isdir(vocab_file):
+    raise FileNotFoundError(
+        f'{owner}: vocab_file={vocab_file!r} is a directory; pass the'
+        ' vocab.txt file inside it'
+        + (
+            ' (it has one)'
+            if os.path.isfile(os.path.join(vocab_file, 'vocab.txt'))
+            else ''
+        )
+    )
   if not os.path.isfile(vocab_file):
     raise FileNotFoundError(
-        f'wordpiece_tokenizer: vocab_file={vocab_file!r} does not exist;'
+        f'{owner}: vocab_file={vocab_file!r} does not exist;'
         ' pass the vocab.txt of the BERT checkpoint (one token per line)'
     )
-  vocab = models.WordPiece.read_file(vocab_file)
+  try:
+    vocab = models.WordPiece.read_file(vocab_file)
+  except Exception as e:  # tokenizers raises a bare Exception.
+    raise ValueError(
+        f'{owner}: vocab_file={vocab_file!r} is not a WordPiece vocabulary'
+        f' (UTF-8 text, one token per line): {e}'
+    ) from None
   missing = [t for t in SPECIAL_TOKENS if t not in vocab]
   if missing:
     raise ValueError(
@@ -145,8 +168,11 @@ class GlueTransform:
   ):
     if task not in GLUE_TEXT_FIELDS:
       raise ValueError(f'GlueTransform: unknown task={task!r}')
+    sampling.check_int('GlueTransform', 'max_seq_length', max_seq_length)
     if max_seq_length < 4:
-      raise ValueError(f'max_seq_length={max_seq_length} must be >= 4')
+      raise ValueError(
+          f'GlueTransform: max_seq_length={max_seq_length} must be >= 4'
+      )
     self.fields = GLUE_TEXT_FIELDS[task]
     self.regression = task == 'stsb'
     self.tokenizer = wordpiece_tokenizer(vocab_file, lowercase=lowercase)
@@ -198,14 +224,17 @@ class SquadOptions:
   max_query_length: int = 64
 
   def __post_init__(self):
+    for name in ('max_seq_length', 'doc_stride', 'max_query_length'):
+      sampling.check_int('SquadOptions', name, getattr(self, name))
     if self.max_query_length < 1 or self.doc_stride < 1:
       raise ValueError(
-          f'max_query_length={self.max_query_length} and'
+          f'SquadOptions: max_query_length={self.max_query_length} and'
           f' doc_stride={self.doc_stride} must be >= 1'
       )
     if self.max_seq_length < self.max_query_length + 4:
       raise ValueError(
-          f'max_seq_length={self.max_seq_length} leaves no room for the'
+          f'SquadOptions: max_seq_length={self.max_seq_length} leaves no'
+          ' room for the'
           f' context after max_query_length={self.max_query_length} and 3'
           ' special tokens'
       )
@@ -450,10 +479,47 @@ def postprocess_squad(
     `{example id: predicted text}`; examples without windows are absent,
     examples without a valid span get `''`.
   """
+  owner = 'postprocess_squad'
+  sampling.check_int(owner, 'n_best_size', n_best_size, minimum=1)
+  sampling.check_int(owner, 'max_answer_length', max_answer_length, minimum=1)
   example_index = np.asarray(example_index)
   offsets = np.asarray(offsets)
+  token_is_max_context = np.asarray(token_is_max_context)
   start_logits = np.asarray(start_logits, np.float32)
   end_logits = np.asarray(end_logits, np.float32)
+  if example_index.ndim != 1 or not np.issubdtype(
+      example_index.dtype, np.integer
+  ):
+    raise ValueError(
+        f'{owner}: example_index must be a 1-D integer array (one entry per'
+        f' window), got shape {example_index.shape} dtype {example_index.dtype}'
+    )
+  windows = example_index.shape[0]
+  if start_logits.ndim != 2 or start_logits.shape[0] != windows:
+    raise ValueError(
+        f'{owner}: start_logits has shape {start_logits.shape}; expected'
+        f' ({windows}, length) for the {windows} windows of example_index'
+    )
+  expected = {
+      'end_logits': (end_logits.shape, start_logits.shape),
+      'token_is_max_context': (
+          token_is_max_context.shape,
+          start_logits.shape,
+      ),
+      'offsets': (offsets.shape, start_logits.shape + (2,)),
+  }
+  for name, (got, want) in expected.items():
+    if got != want:
+      raise ValueError(
+          f'{owner}: {name} has shape {got}, expected {want} (as start_logits'
+          f' {start_logits.shape})'
+      )
+  if windows and example_index.max() >= len(examples):
+    raise ValueError(
+        f'{owner}: example_index refers to example {example_index.max()}, but'
+        f' examples has {len(examples)}: pass the examples of the split the'
+        ' windows were made from'
+    )
   best: dict[int, tuple[float, int, int, int]] = {}
   for row in np.flatnonzero(example_index >= 0):
     ex = int(example_index[row])
@@ -545,6 +611,12 @@ def make_text_dataset(
         f'make_pipeline({name!r}): vocab_file is required for text tasks;'
         ' pass the vocab.txt of the BERT checkpoint'
     )
+  owner = 'make_text_dataset'
+  sampling.check_bool(owner, 'lowercase', lowercase)
+  if max_seq_length is not None:
+    sampling.check_int(owner, 'max_seq_length', max_seq_length)
+  sampling.check_int(owner, 'doc_stride', doc_stride)
+  sampling.check_int(owner, 'max_query_length', max_query_length)
   base = name.split('/')[0]
   if base not in ('glue', 'squad'):
     raise ValueError(
@@ -555,21 +627,25 @@ def make_text_dataset(
     transform = GlueTransform(
         glue_task(name),
         vocab_file,
-        max_seq_length=max_seq_length or 128,
+        max_seq_length=128 if max_seq_length is None else max_seq_length,
         lowercase=lowercase,
     )
     padding = None
+  else:
+    # Checked (and the vocabulary read) before the examples are opened.
+    options = SquadOptions(
+        max_seq_length=384 if max_seq_length is None else max_seq_length,
+        doc_stride=doc_stride,
+        max_query_length=max_query_length,
+    )
+    wordpiece_tokenizer(vocab_file, lowercase=lowercase)
   if source is None:
     source = sources.open_source(name, split, data_dir=data_dir)
   if base == 'squad':
     source = SquadWindows(
         source,
         vocab_file,
-        options=SquadOptions(
-            max_seq_length=max_seq_length or 384,
-            doc_stride=doc_stride,
-            max_query_length=max_query_length,
-        ),
+        options=options,
         lowercase=lowercase,
         with_offsets=not train,
     )

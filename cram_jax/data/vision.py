@@ -224,6 +224,24 @@ class SmallImageTransform:
     return {'image': image, 'label': np.int32(example['label'])}
 
 
+def _check_range(
+    owner: str, name: str, value: Any, upper: float | None = None
+) -> tuple[float, float]:
+  """`(lo, hi)` with `0 < lo <= hi` (and `hi <= upper`), as floats."""
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f'{owner}: {name}={value!r} must be a pair of numbers (lo, hi)'
+    ) from None
+  if not 0 < lo <= hi or (upper is not None and hi > upper):
+    bound = f' <= {upper}' if upper is not None else ''
+    raise ValueError(
+        f'{owner}: {name}={value!r} must satisfy 0 < lo <= hi{bound}'
+    )
+  return lo, hi
+
+
 class ImageNetTransform:
   """ImageNet: random-resized-crop + flip (train), resize + centre crop (eval).
 
@@ -244,8 +262,20 @@ class ImageNetTransform:
       ratio: tuple[float, float] = (3 / 4, 4 / 3),
       normalize: bool = True,
   ):
-    self.image_size, self.resize_size = image_size, resize_size
-    self.scale, self.ratio, self.normalize = scale, ratio, normalize
+    owner = 'ImageNetTransform'
+    sampling.check_int(owner, 'image_size', image_size, minimum=1)
+    sampling.check_int(owner, 'resize_size', resize_size, minimum=1)
+    if resize_size < image_size:
+      raise ValueError(
+          f'{owner}: resize_size={resize_size} must be >= image_size='
+          f'{image_size} (the evaluation centre crop is cut from the resized'
+          ' image)'
+      )
+    scale = _check_range(owner, 'scale', scale, upper=1.0)
+    ratio = _check_range(owner, 'ratio', ratio)
+    sampling.check_bool(owner, 'normalize', normalize)
+    self.image_size, self.resize_size = int(image_size), int(resize_size)
+    self.scale, self.ratio, self.normalize = scale, ratio, bool(normalize)
 
   def __call__(
       self, example: Mapping[str, Any], rng: np.random.Generator | None
@@ -282,6 +312,7 @@ def vision_transform(name: str, *, normalize: bool = True, **options):
     **options: for `imagenet2012`, `ImageNetTransform` options
       (`image_size`, `resize_size`, `scale`, `ratio`).
   """
+  sampling.check_bool('vision_transform', 'normalize', normalize)
   if name in ('cifar10', 'cifar100'):
     transform = SmallImageTransform(
         CIFAR_MEAN, CIFAR_STD, padding=4, flip=True, normalize=normalize

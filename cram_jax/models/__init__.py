@@ -1,4 +1,9 @@
-"""The Flax model zoo: ResNets, BERT, and PyTorch-named checkpoint conversion."""
+"""The Flax model zoo: ResNets, BERT, and PyTorch-named checkpoint conversion.
+
+The models and the converters need only the base dependencies; reading and
+writing checkpoint files (`load_bert`, `save_bert`) needs the `models` extra
+(`pip install 'cram_jax[models]'`, for safetensors), imported on first use.
+"""
 
 from cram_jax.models.bert import (
     BERT_PRUNABLE,

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -48,6 +50,33 @@ al. 2022): embeddings are lookups whose rows are not redundant in the way dense 
 are, and the pooler and heads are tiny. Matches paths with or without a leading
 ``params/`` or ``bert/``.
 """
+
+
+def _check_positive_int(owner: str, name: str, value: Any) -> None:
+  # bool is an int to Python, never a size.
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+        f"{owner}: {name} must be a positive int, got "
+        f"{type(value).__name__} {value!r}"
+    )
+  if value < 1:
+    raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def _check_module(owner: str, config: Any, dtype: Any) -> None:
+  """Checks a BERT module's fields when it is built, not at its first trace."""
+  if not isinstance(config, BertConfig):
+    raise TypeError(
+        f"{owner}: config must be a BertConfig (e.g. BertConfig.base()), got "
+        f"{type(config).__name__} {config!r}"
+    )
+  try:
+    jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(
+        f"{owner}: dtype={dtype!r} is not a dtype (e.g. jnp.float32, "
+        "jnp.bfloat16)"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,20 +119,37 @@ class BertConfig:
         "max_position_embeddings",
         "type_vocab_size",
     ):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"BertConfig: {name} must be a positive int, got {value!r}"
-        )
+      _check_positive_int("BertConfig", name, getattr(self, name))
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
           f"BertConfig: hidden_size={self.hidden_size} is not a multiple of "
           f"num_attention_heads={self.num_attention_heads}"
       )
+    for name in (
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "layer_norm_eps",
+        "initializer_range",
+    ):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"BertConfig: {name} must be a float, got "
+            f"{type(value).__name__} {value!r}"
+        )
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
       value = getattr(self, name)
       if not 0.0 <= value < 1.0:
         raise ValueError(f"BertConfig: {name} must be in [0, 1), got {value!r}")
+    if not self.layer_norm_eps > 0:
+      raise ValueError(
+          f"BertConfig: layer_norm_eps must be > 0, got {self.layer_norm_eps!r}"
+      )
+    if not self.initializer_range >= 0:
+      raise ValueError(
+          "BertConfig: initializer_range must be >= 0, got "
+          f"{self.initializer_range!r}"
+      )
 
   @classmethod
   def tiny(cls, **overrides) -> BertConfig:
@@ -144,6 +190,12 @@ class BertConfig:
       ValueError: if the checkpoint uses an activation or position embedding this
         implementation does not have.
     """
+    if not isinstance(hf_config, Mapping):
+      raise TypeError(
+          "BertConfig.from_hf: pass the parsed config.json, e.g. "
+          "json.load(open('config.json')), got "
+          f"{type(hf_config).__name__} {hf_config!r}"
+      )
     act = hf_config.get("hidden_act", "gelu")
     if act != "gelu":
       raise ValueError(
@@ -294,6 +346,10 @@ class BertModel(nn.Module):
   add_pooling_layer: bool = True
   dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    _check_module("BertModel", self.config, self.dtype)
+    super().__post_init__()
+
   @nn.compact
   def __call__(
       self,
@@ -322,6 +378,11 @@ class BertModel(nn.Module):
       raise ValueError(
           f"BertModel: input_ids must be (batch, length), got shape "
           f"{input_ids.shape}"
+      )
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+      raise TypeError(
+          f"BertModel: input_ids must be integer token ids, got dtype "
+          f"{input_ids.dtype}"
       )
     length = input_ids.shape[1]
     if length > c.max_position_embeddings:
@@ -365,6 +426,13 @@ class BertForSequenceClassification(nn.Module):
   num_labels: int = 2
   dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    _check_module("BertForSequenceClassification", self.config, self.dtype)
+    _check_positive_int(
+        "BertForSequenceClassification", "num_labels", self.num_labels
+    )
+    super().__post_init__()
+
   @nn.compact
   def __call__(
       self,
@@ -397,6 +465,10 @@ class BertForQuestionAnswering(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
 
+  def __post_init__(self):
+    _check_module("BertForQuestionAnswering", self.config, self.dtype)
+    super().__post_init__()
+
   @nn.compact
   def __call__(
       self,
@@ -420,3 +492,11 @@ class BertForQuestionAnswering(nn.Module):
     )
     logits = logits.astype(jnp.float32)
     return logits[..., 0], logits[..., 1]
+
+
+BERT_MODULES = (
+    BertModel,
+    BertForSequenceClassification,
+    BertForQuestionAnswering,
+)
+"""The BERT modules whose params :mod:`cram_jax.models.convert` maps."""

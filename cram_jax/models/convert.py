@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cram_jax.compress.select import path_str
+from cram_jax.models import bert as bert_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,34 @@ def _fmt(entries: Sequence[str], limit: int = 20) -> str:
   return shown + more
 
 
+def _patterns(owner: str, option: str, value: Any) -> list[re.Pattern[str]]:
+  """Compiles ``ignore=``/``allow_missing=``: one regex string or a sequence of them."""
+  if isinstance(value, (str, re.Pattern)):
+    value = (value,)  # One pattern, not a sequence of one-character patterns.
+  if not isinstance(value, (Sequence, set, frozenset)):
+    raise TypeError(
+        f"{owner}: {option} must be a regex string or a sequence of them, got "
+        f"{type(value).__name__} {value!r}"
+    )
+  compiled = []
+  for pattern in value:
+    if isinstance(pattern, re.Pattern):
+      compiled.append(pattern)
+      continue
+    if not isinstance(pattern, str):
+      raise TypeError(
+          f"{owner}: {option} holds {type(pattern).__name__} {pattern!r}; "
+          "each pattern must be a regex string"
+      )
+    try:
+      compiled.append(re.compile(pattern))
+    except re.error as e:
+      raise ValueError(
+          f"{owner}: {option} pattern {pattern!r} is not a valid regex: {e}"
+      ) from None
+  return compiled
+
+
 def import_state(
     state: Mapping[str, Any],
     target: Any,
@@ -169,9 +198,11 @@ def import_state(
       ``jax.ShapeDtypeStruct`` from ``jax.eval_shape``). Paths are written as in
       :func:`~cram_jax.compress.select.path_str`.
     rules: the conversion table.
-    ignore: regexes (``re.search``) of checkpoint names to skip silently.
+    ignore: regexes (``re.search``) of checkpoint names to skip silently; a
+      single string is one regex.
     allow_missing: regexes of our paths that may be absent from the checkpoint; they
-      keep their value from ``target``, which must then hold arrays there.
+      keep their value from ``target``, which must then hold arrays there. A
+      single string is one regex.
     rename: optional function applied to every checkpoint name before matching, e.g.
       to accept legacy spellings.
     unrename: the inverse of ``rename``, used to name missing keys.
@@ -181,14 +212,26 @@ def import_state(
     A tree with ``target``'s structure holding ``jnp`` arrays in the target dtypes.
 
   Raises:
-    ValueError: listing all missing keys, unexpected keys and shape mismatches.
+    ValueError: listing all missing keys, unexpected keys and shape mismatches;
+      or naming an invalid regex.
+    TypeError: ``state`` is not a mapping of names, or a pattern is not a string.
   """
+  if not isinstance(state, Mapping):
+    raise TypeError(
+        f"{owner}: the checkpoint must be a mapping of names to arrays (e.g. "
+        f"safetensors.numpy.load_file(path)), got {type(state).__name__}"
+    )
+  bad = [k for k in state if not isinstance(k, str)]
+  if bad:
+    raise TypeError(
+        f"{owner}: checkpoint names must be strings, got {bad[0]!r}"
+    )
+  ignore_re = _patterns(owner, "ignore", ignore)
+  missing_ok = _patterns(owner, "allow_missing", allow_missing)
   want = {
       path_str(p): leaf
       for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
   }
-  ignore_re = [re.compile(p) for p in ignore]
-  missing_ok = [re.compile(p) for p in allow_missing]
   found: dict[str, np.ndarray] = {}
   unexpected, wrong = [], []
   misshapen = set()  # reported as wrong shapes, not again as missing
@@ -220,6 +263,7 @@ def import_state(
       unexpected.append(f"'{name}' (a second value for '{path}')")
       continue
     found[path] = rule.transform.to_ours(value)
+  matched = len(found)
   missing = []
   for path, leaf in want.items():
     if path in found or path in misshapen:
@@ -238,6 +282,12 @@ def import_state(
     missing.append(entry)
   if missing or unexpected or wrong:
     lines = [f"{owner}: the checkpoint does not match the model."]
+    if state and not matched and not wrong:
+      lines.append(
+          f"  none of the checkpoint's {len(state)} names maps onto the "
+          f"model's {len(want)} leaves: is it the checkpoint of another "
+          "architecture, or the target of another model?"
+      )
     if missing:
       lines.append(f"  missing keys ({len(missing)}): {_fmt(missing)}")
     if unexpected:
@@ -281,7 +331,12 @@ def export_state(
     name = unrename(name) if unrename else name
     out[name] = np.ascontiguousarray(rule.transform.to_theirs(np.asarray(leaf)))
   if unmapped:
-    raise ValueError(f"{owner}: no rule maps these leaves: {_fmt(unmapped)}")
+    hint = ""
+    if not out:
+      hint = " (none of the tree's leaves maps: is it another model's tree?)"
+    raise ValueError(
+        f"{owner}: no rule maps these leaves{hint}: {_fmt(unmapped)}"
+    )
   return out
 
 
@@ -418,7 +473,8 @@ def import_bert(
     target: ``variables['params']`` of a :class:`~cram_jax.models.bert.BertModel`,
       ``BertForSequenceClassification`` or ``BertForQuestionAnswering``, as arrays or as
       shapes (:func:`bert_abstract_params`).
-    ignore: regexes of checkpoint names to skip; default skips ``position_ids`` buffers.
+    ignore: regexes of checkpoint names to skip (a single string is one regex);
+      default skips ``position_ids`` buffers. Passing it replaces the default.
     allow_missing: regexes of our paths that may be missing (kept from ``target``).
 
   Returns:
@@ -447,6 +503,12 @@ def export_bert(params: Any) -> dict[str, np.ndarray]:
 
 def bert_abstract_params(model: Any) -> Any:
   """``variables['params']`` of a BERT module as shapes, without allocating them."""
+  if not isinstance(model, bert_lib.BERT_MODULES):
+    raise TypeError(
+        "bert_abstract_params: model must be a BertModel, "
+        "BertForSequenceClassification or BertForQuestionAnswering, got "
+        f"{type(model).__name__}"
+    )
   ids = jnp.zeros((1, 1), jnp.int32)
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), ids, train=False)
@@ -454,27 +516,148 @@ def bert_abstract_params(model: Any) -> Any:
   return variables["params"]
 
 
-def _safetensors():
+def _safetensors(owner: str):
+  """``safetensors.numpy``, imported on first use: the models need only base deps."""
   try:
     import safetensors.numpy  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
+  except ModuleNotFoundError as e:
     raise ImportError(
-        "reading checkpoints needs the 'safetensors' package: "
-        "pip install safetensors (or cram_jax[models])"
+        f"cram_jax.models.{owner} needs the 'models' extra: "
+        f"pip install 'cram_jax[models]' (missing module: {e.name})",
+        name=e.name,
     ) from e
   return safetensors.numpy
 
 
-def load_bert(path: str | os.PathLike, target: Any, **kwargs) -> Any:
-  """Reads a ``.safetensors`` file and runs :func:`import_bert` on it."""
-  return import_bert(
-      _safetensors().load_file(os.fspath(path)), target, **kwargs
-  )
+_TORCH_HELP = (
+    "convert it once, where torch is installed, with\n"
+    "  import torch, safetensors.torch\n"
+    "  state = torch.load({path!r}, map_location='cpu', weights_only=True)\n"
+    "  safetensors.torch.save_file({{k: v.contiguous().clone() for k, v in "
+    "state.items()}}, 'model.safetensors')\n"
+    "or download the checkpoint's model.safetensors (most Hugging Face BERT "
+    "repositories have one)"
+)
+
+
+def checkpoint_file(path: str | os.PathLike, owner: str = "load_bert") -> str:
+  """The safetensors file to read for ``path``, checked before reading it.
+
+  ``path`` is a ``.safetensors`` file or a directory holding ``model.safetensors``
+  (what ``transformers``' ``save_pretrained`` writes).
+
+  Raises:
+    TypeError: ``path`` is not a string or path.
+    FileNotFoundError: nothing at ``path``, or a directory without
+      ``model.safetensors``.
+    ValueError: a PyTorch pickle checkpoint (``.bin``, ``.pt``), a sharded
+      checkpoint, or a file too short for a safetensors header.
+  """
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(
+        f"{owner}: path must be a str or os.PathLike naming a .safetensors "
+        f"file, got {type(path).__name__} {path!r}"
+    )
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    inside = os.path.join(path, "model.safetensors")
+    if os.path.isfile(inside):
+      return inside
+    listing = sorted(os.listdir(path))
+    if "model.safetensors.index.json" in listing:
+      raise ValueError(
+          f"{owner}: {path!r} holds a sharded checkpoint "
+          "(model.safetensors.index.json); save it unsharded, e.g. "
+          "model.save_pretrained(out, max_shard_size='10GB')"
+      )
+    hint = ""
+    if "pytorch_model.bin" in listing:
+      hint = "; it has pytorch_model.bin, a PyTorch checkpoint: " + (
+          _TORCH_HELP.format(path=os.path.join(path, "pytorch_model.bin"))
+      )
+    raise FileNotFoundError(
+        f"{owner}: {path!r} is a directory without model.safetensors "
+        f"(it holds {listing[:10]}){hint}"
+    )
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{owner}: no file at {path!r}; pass a .safetensors checkpoint (or a "
+        "directory holding model.safetensors)"
+    )
+  with open(path, "rb") as f:
+    head = f.read(8)
+  size = os.path.getsize(path)
+  # A torch.save file is a zip archive (PK..) or, before torch 1.6, a raw
+  # pickle (protocol 2+ starts with 0x80).
+  if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    raise ValueError(
+        f"{owner}: {path!r} is a PyTorch (pickle) checkpoint, not safetensors; "
+        + _TORCH_HELP.format(path=path)
+    )
+  # safetensors: an 8-byte little-endian header length, then a JSON header.
+  if size < 8 or int.from_bytes(head, "little") > size - 8:
+    raise ValueError(
+        f"{owner}: {path!r} is truncated or not a safetensors file "
+        f"({size} bytes; a safetensors file starts with an 8-byte header "
+        "length and a JSON header that fits in the file)"
+    )
+  return path
+
+
+def load_bert(
+    path: str | os.PathLike,
+    target: Any,
+    *,
+    ignore: Sequence[str] | str = BERT_IGNORED,
+    allow_missing: Sequence[str] | str = (),
+) -> Any:
+  """Reads a safetensors checkpoint and runs :func:`import_bert` on it.
+
+  Args:
+    path: a ``.safetensors`` file, or a directory holding ``model.safetensors``
+      (a ``save_pretrained`` directory). PyTorch ``.bin`` files are refused with
+      the command that converts them.
+    target: as in :func:`import_bert`.
+    ignore: as in :func:`import_bert`.
+    allow_missing: as in :func:`import_bert`.
+
+  Raises:
+    FileNotFoundError, ValueError, TypeError: naming ``path`` and what was
+      expected (see :func:`checkpoint_file`), or the mismatches with ``target``.
+  """
+  reader = _safetensors("load_bert")
+  file = checkpoint_file(path)
+  try:
+    state = reader.load_file(file)
+  except Exception as e:  # safetensors' own errors do not name the file.
+    raise ValueError(
+        f"load_bert: {file!r} is truncated, corrupt or not a safetensors "
+        f"file: {e}"
+    ) from e
+  return import_bert(state, target, ignore=ignore, allow_missing=allow_missing)
 
 
 def save_bert(path: str | os.PathLike, params: Any) -> None:
   """Writes :func:`export_bert` of ``params`` as a ``.safetensors`` file."""
-  _safetensors().save_file(export_bert(params), os.fspath(path))
+  writer = _safetensors("save_bert")
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(
+        f"save_bert: path must be a str or os.PathLike, got "
+        f"{type(path).__name__} {path!r}"
+    )
+  path = os.fspath(path)
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path) or not os.path.isdir(parent):
+    raise FileNotFoundError(
+        f"save_bert: cannot write {path!r}: "
+        + (
+            "it is a directory"
+            if os.path.isdir(path)
+            else f"no directory {parent!r}"
+        )
+        + "; pass a file path such as 'out/model.safetensors'"
+    )
+  writer.save_file(export_bert(params), path)
 
 
 # --------------------------------------------------------------------- torchvision
@@ -529,11 +712,28 @@ def _shift_block(name: str, by: int) -> str:
   )
 
 
+def _check_resnet_variables(owner: str, variables: Any) -> None:
+  """Torchvision's state dict holds BatchNorm statistics: we need both collections."""
+  if not isinstance(variables, Mapping):
+    raise TypeError(
+        f"{owner}: pass the ResNet's variables {{'params': ..., "
+        f"'batch_stats': ...}}, got {type(variables).__name__}"
+    )
+  if set(variables) != {"params", "batch_stats"}:
+    raise ValueError(
+        f"{owner}: pass the ResNet's whole variables {{'params': ..., "
+        f"'batch_stats': ...}} (e.g. model.init(...) or jax.eval_shape of it), "
+        f"got a tree with top-level keys {sorted(map(str, variables))}"
+    )
+
+
 def import_torchvision_resnet(state: Mapping[str, Any], target: Any) -> Any:
   """A torchvision ResNet state dict -> our variables ``{'params', 'batch_stats'}``.
 
+  ``target`` is the whole variables dict (arrays or ``jax.eval_shape`` shapes).
   ``num_batches_tracked`` counters are skipped.
   """
+  _check_resnet_variables("import_torchvision_resnet", target)
   return import_state(
       state,
       target,
@@ -547,6 +747,7 @@ def import_torchvision_resnet(state: Mapping[str, Any], target: Any) -> Any:
 
 def export_torchvision_resnet(variables: Any) -> dict[str, np.ndarray]:
   """Our ImageNet ResNet variables -> torchvision names (without ``num_batches_tracked``)."""
+  _check_resnet_variables("export_torchvision_resnet", variables)
   return export_state(
       variables,
       TORCHVISION_RESNET_RULES,

@@ -34,7 +34,9 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,6 +145,17 @@ class Bottleneck(nn.Module):
 _STEMS = ("cifar", "imagenet")
 
 
+def _check_positive_int(name: str, value: Any) -> None:
+  # bool is an int to Python, never a size.
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+        f"ResNet: {name} must be a positive int, got "
+        f"{type(value).__name__} {value!r}"
+    )
+  if value < 1:
+    raise ValueError(f"ResNet: {name} must be a positive int, got {value!r}")
+
+
 class ResNet(nn.Module):
   """A ResNet on NHWC images; use the factories (``ResNet20``, ``ResNet50``, ...).
 
@@ -175,10 +188,16 @@ class ResNet(nn.Module):
       raise ValueError(
           f"ResNet: stem must be one of {_STEMS}, got {self.stem!r}"
       )
-    if not isinstance(self.num_classes, int) or self.num_classes < 1:
-      raise ValueError(
-          f"ResNet: num_classes must be a positive int, got {self.num_classes!r}"
-      )
+    _check_positive_int("num_classes", self.num_classes)
+    for name in ("stage_sizes", "widths"):
+      value = getattr(self, name)
+      if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+        raise TypeError(
+            f"ResNet: {name} must be a non-empty sequence of positive ints "
+            f"(one per stage), got {value!r}"
+        )
+      for i, item in enumerate(value):
+        _check_positive_int(f"{name}[{i}]", item)
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(
           f"ResNet: stage_sizes {tuple(self.stage_sizes)} and widths "
@@ -192,6 +211,22 @@ class ResNet(nn.Module):
           f"ResNet: block_cls must be a Module class such as BasicBlock or "
           f"Bottleneck, got {self.block_cls!r}"
       )
+    fields = {f.name for f in dataclasses.fields(self.block_cls)}
+    lacking = sorted({"filters", "strides", "conv", "norm"} - fields)
+    if lacking:
+      raise TypeError(
+          f"ResNet: block_cls={self.block_cls.__name__} lacks the fields "
+          f"{lacking}; a block is built as block_cls(filters, strides, conv=..., "
+          "norm=...), like BasicBlock and Bottleneck"
+      )
+    for name in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, name))
+      except TypeError:
+        raise TypeError(
+            f"ResNet: {name}={getattr(self, name)!r} is not a dtype (e.g. "
+            "jnp.float32, jnp.bfloat16)"
+        ) from None
     super().__post_init__()
 
   @nn.compact
