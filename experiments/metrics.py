@@ -104,6 +104,8 @@ class MetricsWriter:
       keep_up_to_step: int | None = None,
   ):
     self.enabled = enabled
+    # The rows kept from an earlier session, by (step, split).
+    self.rows: dict[tuple[int, str], dict[str, Any]] = {}
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.csv_path = os.path.join(workdir, "metrics.csv")
     if enabled:
@@ -111,6 +113,11 @@ class MetricsWriter:
       if keep_up_to_step is not None:
         _keep_lines(self.jsonl_path, _jsonl_row_up_to(keep_up_to_step))
         _keep_lines(self.csv_path, _csv_row_up_to(keep_up_to_step))
+        if os.path.exists(self.jsonl_path):
+          self.rows = {
+              (row["step"], row["split"]): row
+              for row in read_jsonl(self.jsonl_path)
+          }
       if not os.path.exists(self.csv_path) or not os.path.getsize(
           self.csv_path
       ):

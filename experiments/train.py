@@ -692,7 +692,7 @@ def train_and_evaluate(
   status, start_time = "completed", time.perf_counter()
   step = start_step
 
-  def evaluate_now():
+  def evaluate_now(log: bool = True):
     started = time.perf_counter()
     first = eval_fn.seconds is None
     metrics = evaluate(run, eval_fn, variables_of(state))
@@ -700,7 +700,8 @@ def train_and_evaluate(
       progress.message(f"compiled eval step in {eval_fn.seconds:.1f} s")
     seconds = time.perf_counter() - started
     progress.exclude(seconds)
-    writer.write(step, "eval", metrics)
+    if log:
+      writer.write(step, "eval", metrics)
     progress.message(
         f"eval at step {step} (epoch {step / run.steps_per_epoch:.2f}, "
         f"{seconds:.1f} s): {format_metrics(metrics, digits=4)}"
@@ -749,7 +750,9 @@ def train_and_evaluate(
         break
     if status == "completed" and not last_eval:
       # Resumed from the final checkpoint of a run killed before its summary.
-      last_eval = evaluate_now()
+      # Every process evaluates (the evaluation is collective); the row is
+      # written unless it was logged before that checkpoint.
+      last_eval = evaluate_now(log=(step, "eval") not in writer.rows)
   finally:
     prefetcher.close()
     checkpointer.close()
