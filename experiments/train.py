@@ -1,4 +1,4 @@
-"""Train a model from a config, data-parallel, with preemption-safe checkpoints.
+r"""Train a model from a config, data-parallel, with preemption-safe checkpoints.
 
   python experiments/train.py \
       --config experiments/configs/resnet20_cifar10.py:cram+-multi \
@@ -27,6 +27,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -810,6 +811,63 @@ def load_final(
   return run, restored[1]
 
 
+def _flag_error_line(error: Exception) -> str:
+  """absl's flag error in one line; a config file's own exception by its message."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if any(
+      line.startswith("Traceback (most recent call last)") for line in lines
+  ):
+    # ml_collections embeds get_config's traceback: keep the flag and the error.
+    head = lines[0].replace("Error whilst parsing config file:", "").strip()
+    last = lines[-1]
+    for prefix in ("ValueError: ", "TypeError: ", "KeyError: "):
+      last = last.removeprefix(prefix)
+    return f"{head} {last}"
+  return " ".join(lines)
+
+
+def _unknown_field_line(message: str, argv: Sequence[str]) -> str:
+  """`--config.num_epoch: the config has no such field (did you mean
+  'num_epochs'?)` from ml_collections' KeyError message."""
+  name = re.search(r"'([^'\\]+)", message)
+  name = name.group(1) if name else message
+  flag = next(
+      (
+          arg.split("=", 1)[0]
+          for arg in argv
+          if re.fullmatch(rf"--config\.([\w.]+\.)?{re.escape(name)}(=.*)?", arg)
+      ),
+      f"--config.{name}",
+  )
+  hint = re.search(r'Did you mean "([^"]+)"', message)
+  return f"{flag}: the config has no such field" + (
+      f" (did you mean {hint.group(1)!r}?)" if hint else ""
+  )
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with every mistake as one line and exit status 2."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import (  # pylint: disable=import-outside-toplevel
+      config_flags,
+  )
+
+  with cli.exit_on_usage_error("train.py"):
+    try:
+      rest = flags.FLAGS(argv)
+    except flags.Error as e:
+      raise cli.UsageError(_flag_error_line(e)) from None
+    except (AttributeError, KeyError) as e:
+      # ml_collections: a --config.FIELD override naming no field of the config.
+      raise cli.UsageError(_unknown_field_line(str(e), argv)) from None
+    # A missing config file is only reported when the config is first read.
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    path = path.split(":", 1)[0]
+    if not os.path.isfile(path):
+      raise cli.UsageError(f"--config: no such file: {path}")
+  return rest
+
+
 def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
 
@@ -832,4 +890,4 @@ if __name__ == "__main__":
   )
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
