@@ -44,8 +44,6 @@ def quiet_logging(verbosity_set: bool = False) -> None:
 
   absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger().setLevel(logging.WARNING)
-  # TensorFlow's C++ start-up lines (TFDS imports it): only warnings and errors.
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
 def verbosity_given() -> bool:

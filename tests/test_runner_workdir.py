@@ -266,6 +266,39 @@ def test_config_error_is_one_line_with_exit_code_2(digits_dir, tmp_path):
   assert not os.path.exists(workdir)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config.num_epoch=3"],
+            "train.py: error: --config.num_epoch: the config has no such field "
+            "(did you mean 'num_epochs'?)",
+        ),
+        (
+            ["--config", "experiments/configs/nope.py"],
+            "train.py: error: --config: no such file: experiments/configs/nope.py",
+        ),
+    ],
+)
+def test_flag_mistakes_are_one_line_with_exit_code_2(args, message, tmp_path):
+  command = [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "train.py"),
+      "--config",
+      "experiments/configs/digits.py:sgd",
+      "--workdir",
+      str(tmp_path / "run"),
+      *args,
+  ]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  done = subprocess.run(
+      command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [message]
+  assert not os.path.exists(tmp_path / "run")
+
+
 def config_with(**fields):
   config = digits.get_config("cram+-multi")
   config.unlock()
