@@ -347,13 +347,17 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     ) from e
   there, here = run_identity(saved), run_identity(config_json(config))
 
-  def shown(fields, key):
-    return repr(fields[key]) if key in fields else "unset"
+  unset = object()
 
+  def shown(value):
+    return "unset" if value is unset else repr(value)
+
+  # `==`, so that an int and an equal float (0 and 0.0) are the same value.
   diffs = [
-      f"{key}: {shown(there, key)} there, {shown(here, key)} here"
+      f"{key}: {shown(there.get(key, unset))} there, "
+      f"{shown(here.get(key, unset))} here"
       for key in sorted(set(there) | set(here))
-      if shown(there, key) != shown(here, key)
+      if there.get(key, unset) != here.get(key, unset)
   ]
   if diffs:
     more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""

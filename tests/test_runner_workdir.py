@@ -167,6 +167,25 @@ def test_workdir_with_checkpoints_but_no_config_is_refused(
   assert tree_digest(workdir) == before
 
 
+def test_check_workdir_compares_values_not_spellings(tmp_path):
+  config = digits.get_config("sgd")
+  saved = train.config_json(config)
+  saved["warmup_epochs"] = 0  # JSON written as an int, read back as one
+  saved["sparsities"] = list(saved["sparsities"])
+  saved["num_epochs"] = 7  # may change on resume
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  train.check_workdir(config, str(tmp_path))  # the same run
+  saved["seed"] = 1
+  saved["model_kwargs"] = {"width": 2}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(cli.UsageError) as raised:
+    train.check_workdir(config, str(tmp_path))
+  assert (
+      "(model_kwargs.width: 2 there, unset here; seed: 1 there, 0 here)"
+      in str(raised.value)
+  )
+
+
 def test_killed_before_the_summary_finishes_without_a_second_row(
     finished, digits_dir, tmp_path
 ):
