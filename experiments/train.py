@@ -427,24 +427,34 @@ def train_data_kwargs(
 def build(config: ml_collections.ConfigDict) -> Run:
   parallel = parallel_lib.make_parallel(config)
   task = tasks.make_task(config, parallel.axis_name)
-  if config.batch_size % jax.process_count():
-    raise cli.ConfigError(
-        f"config.batch_size={config.batch_size} does not divide over "
-        f"{jax.process_count()} processes"
-    )
-  process_batch = config.batch_size // jax.process_count()
   local_devices = max(parallel.num_replicas // jax.process_count(), 1)
-  if process_batch % local_devices:
-    raise cli.ConfigError(
-        f"config.batch_size={config.batch_size}: {process_batch} per process is "
-        f"not a multiple of the {local_devices} local devices"
+  for name in ("batch_size", "eval_batch_size"):
+    size = config[name]
+    if size % jax.process_count():
+      raise cli.ConfigError(
+          f"config.{name}={size} does not divide over "
+          f"{jax.process_count()} processes"
+      )
+    if (size // jax.process_count()) % local_devices:
+      raise cli.ConfigError(
+          f"config.{name}={size}: {size // jax.process_count()} per process "
+          f"is not a multiple of the {local_devices} local devices"
+      )
+  process_batch = config.batch_size // jax.process_count()
+  try:
+    one_epoch = data_lib.make_dataset(
+        config.dataset,
+        config.train_split,
+        num_epochs=1,
+        **train_data_kwargs(config, process_batch),
     )
-  one_epoch = data_lib.make_dataset(
-      config.dataset,
-      config.train_split,
-      num_epochs=1,
-      **train_data_kwargs(config, process_batch),
-  )
+  except (ValueError, FileNotFoundError) as e:
+    # cram_jax.data checks its arguments (batch size against the split, data
+    # options, the dataset's presence): here they come from the config.
+    raise cli.ConfigError(
+        f"config.dataset={config.dataset!r} (split {config.train_split!r}, "
+        f"data_dir {config.get('data_dir')!r}): {e}"
+    ) from e
   steps_per_epoch = len(one_epoch)
   total = config.get("num_train_steps") or config.num_epochs * steps_per_epoch
   tx = optimizers.make_optimizer(
@@ -603,8 +613,8 @@ def train_and_evaluate(
   A finished run is not touched: its stored summary is returned.
 
   Raises:
-    cli.ConfigError: a config value the runner cannot use (before any
-      compilation and before any file is written).
+    cli.ConfigError: a config value the runner cannot use (before anything
+      is compiled).
     cli.UsageError: `workdir` holds a different run (nothing is written).
   """
   validate_config(config)

@@ -399,6 +399,41 @@ def test_train_and_evaluate_validates_before_touching_the_workdir(tmp_path):
   assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"batch_size": 4000},
+            r"config.dataset='digits' \(split 'train', data_dir .*\): "
+            r"batch_size=4000 is larger than the 1437 training examples",
+        ),
+        (
+            {"train_split": "bogus"},
+            r"config.dataset='digits' \(split 'bogus', .*split='bogus' is "
+            "not valid",
+        ),
+        (
+            {"num_devices": 8, "eval_batch_size": 100},
+            "config.eval_batch_size=100: 100 per process is not a multiple "
+            "of the 8 local devices",
+        ),
+        (
+            {"num_devices": 9},
+            "config.num_devices=9 but only 8 devices exist",
+        ),
+    ],
+)
+def test_config_errors_found_when_building_touch_nothing(
+    fields, message, digits_dir, tmp_path
+):
+  config = tiny_config(digits_dir)
+  for name, value in fields.items():
+    config[name] = value
+  with pytest.raises(cli.ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
 # ----------------------------------------------------------------------------
 # Progress.
 
