@@ -441,18 +441,21 @@ def build(config: ml_collections.ConfigDict) -> Run:
           f"is not a multiple of the {local_devices} local devices"
       )
   process_batch = config.batch_size // jax.process_count()
+  split = config.train_split
   try:
     one_epoch = data_lib.make_dataset(
         config.dataset,
-        config.train_split,
+        split,
         num_epochs=1,
         **train_data_kwargs(config, process_batch),
     )
+    split = config.eval_split  # opened now, not at the end of the first epoch
+    data_lib.open_source(config.dataset, split, data_dir=config.get("data_dir"))
   except (ValueError, FileNotFoundError) as e:
     # cram_jax.data checks its arguments (batch size against the split, data
     # options, the dataset's presence): here they come from the config.
     raise cli.ConfigError(
-        f"config.dataset={config.dataset!r} (split {config.train_split!r}, "
+        f"config.dataset={config.dataset!r} (split {split!r}, "
         f"data_dir {config.get('data_dir')!r}): {e}"
     ) from e
   steps_per_epoch = len(one_epoch)

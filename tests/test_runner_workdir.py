@@ -413,6 +413,11 @@ def test_train_and_evaluate_validates_before_touching_the_workdir(tmp_path):
             "not valid",
         ),
         (
+            {"eval_split": "validation"},
+            r"config.dataset='digits' \(split 'validation', .*"
+            "split='validation' is not valid",
+        ),
+        (
             {"num_devices": 8, "eval_batch_size": 100},
             "config.eval_batch_size=100: 100 per process is not a multiple "
             "of the 8 local devices",
