@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from experiments.cli import ConfigError
+
 AXIS = "batch"
 
 
@@ -160,21 +162,18 @@ def make_parallel(config) -> MeshParallel | PmapParallel:
   elif mode == "pmap":
     devices = jax.local_devices()
   else:
-    raise ValueError(
+    raise ConfigError(
         f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'"
     )
   if count:
     if count > len(devices):
-      raise ValueError(
+      raise ConfigError(
           f"config.num_devices={count} but only {len(devices)} devices exist"
       )
     devices = devices[:count]
   if mode == "jit":
     return MeshParallel(devices)
   return PmapParallel(devices)
-  raise ValueError(
-      f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'"
-  )
 
 
 def mean_over_replicas(tree: Any, axis_name: str | None) -> Any:

@@ -131,7 +131,7 @@ def vision_task(
     return {
         "accuracy": total["correct"] / count,
         "loss": total["loss"] / count,
-        "examples": total["count"],
+        "examples": int(round(total["count"])),
     }
 
   return Task(
@@ -209,7 +209,7 @@ def squad_task(
     return {
         "exact_match": scores["exact_match"] / 100,
         "f1": scores["f1"] / 100,
-        "examples": float(scores["num_questions"]),
+        "examples": int(scores["num_questions"]),
     }
 
   return Task(

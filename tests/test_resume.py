@@ -4,11 +4,15 @@ Runs `experiments/train.py` as a real process (CrAM+-Multi, ResNet-8 on digits, 
 CPU device): once without interruption, once stopped with SIGTERM and restarted,
 once killed with SIGKILL and restarted. All three end with bitwise-equal params,
 optimiser state (including CrAM's PRNG key) and BatchNorm statistics. A corrupted
-newest checkpoint is skipped with a warning.
+newest checkpoint is skipped with a warning. The resumed runs' metrics files hold
+each (step, split) once, with the uninterrupted run's values, and absl/orbax
+INFO logs stay off unless asked for.
 """
 
+import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +26,7 @@ import pytest
 
 from cram_jax.data import prepare_digits
 from experiments import train
+from experiments.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 60, 10
@@ -80,6 +85,8 @@ def run_to_completion(workdir, data_dir):
       timeout=300,
   )
   assert done.returncode == 0, done.stderr[-3000:]
+  # absl's INFO lines look like `I1122 09:01:07.429953 ...`; WARNING and up only.
+  assert not re.search(r"^I\d{4} ", done.stderr, re.MULTILINE), done.stderr
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert summary["status"] == "completed" and summary["step"] == STEPS
@@ -118,6 +125,40 @@ def assert_same_state(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+# Wall-clock rates differ between runs; every other value is the same program's.
+RATES = ("steps_per_second", "examples_per_second")
+
+
+def metric_rows(workdir):
+  """JSONL rows and long CSV rows, as {(step, split): {name: value}} each;
+  fails if a (step, split) or (step, split, name) repeats."""
+  jsonl = {}
+  for row in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
+    key = (row.pop("step"), row.pop("split"))
+    assert key not in jsonl, f"metrics.jsonl repeats {key}"
+    jsonl[key] = {k: v for k, v in row.items() if k not in RATES}
+  long = {}
+  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    for row in csv.DictReader(f):
+      key = (int(row["step"]), row["split"])
+      values = long.setdefault(key, {})
+      assert row["name"] not in values, f"metrics.csv repeats {key} {row}"
+      if row["name"] not in RATES:
+        values[row["name"]] = float(row["value"])
+  return jsonl, long
+
+
+def assert_same_metrics(workdir, reference):
+  jsonl, long = metric_rows(workdir)
+  expected_jsonl, expected_long = metric_rows(reference)
+  expected_keys = {(s, "train") for s in range(1, STEPS + 1)} | {
+      (s, "eval") for s in (22, 44, STEPS)
+  }
+  assert set(expected_jsonl) == set(expected_long) == expected_keys
+  assert jsonl == expected_jsonl
+  assert long == expected_long
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(digits_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -141,6 +182,7 @@ def test_sigterm_saves_exits_and_resumes_identically(
   )  # the off-cadence preemption checkpoint
   run_to_completion(workdir, digits_dir)
   assert_same_state(final_state(workdir), final_state(uninterrupted))
+  assert_same_metrics(workdir, uninterrupted)
 
 
 def test_sigkill_resumes_from_the_last_checkpoint_identically(
@@ -151,6 +193,7 @@ def test_sigkill_resumes_from_the_last_checkpoint_identically(
   assert code == -signal.SIGKILL
   run_to_completion(workdir, digits_dir)
   assert_same_state(final_state(workdir), final_state(uninterrupted))
+  assert_same_metrics(workdir, uninterrupted)
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous(
