@@ -70,7 +70,8 @@ def cram(
       (weight decay enters ``G`` at ``x``, never the perturbation).
     compressor: ``compress(params, key) -> (compressed, masks)``, e.g.
       ``global_magnitude([0.5, 0.7, 0.9])``; ``global_magnitude(0.0)`` is the identity.
-    rho: perturbation size, a float or a schedule of the step count.
+    rho: perturbation size, a finite float >= 0 or a schedule of the step
+      count; a schedule value below 0 or NaN makes that step's update NaN.
     plus: CrAM+: add the clean gradient, ``G = g2 + g`` (a sum, not an average).
     sparse_grad: mask the compressed-point gradient with the compressor's masks
       (the exact derivative of ``w -> M * w``); False is straight-through.
@@ -190,6 +191,9 @@ def cram(
     step_rho = rho(state.count) if callable(rho) else rho
     if callable(rho):
       validate.check_real(step_rho, "rho (the schedule's value)", owner)
+      # A traced negative value cannot raise without a host sync per step:
+      # it turns the update into NaN instead (one scalar select, no sync).
+      step_rho = jnp.where(step_rho >= 0, step_rho, jnp.nan)
     perturbed = jax.tree.map(
         lambda x, g: (x + step_rho * g).astype(x.dtype), params, direction
     )

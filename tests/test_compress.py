@@ -611,6 +611,7 @@ def test_select_and_patterns_together():
             "exclude patterns must be strings, got 3",
         ),
         (dict(include="("), ValueError, "not a valid regex"),
+        (dict(include=[]), ValueError, "include is an empty list; use None"),
         (dict(min_ndim=True), TypeError, "min_ndim must be an int, got True"),
         (dict(min_ndim=2.0), TypeError, "min_ndim must be an int, got 2.0"),
         (dict(min_ndim=-1), ValueError, "non-negative"),

@@ -616,3 +616,23 @@ def test_trees_that_do_not_match_params_are_named(
       jax.eval_shape(step, params, tx.init(params))
     else:
       step(params, tx.init(params))
+
+
+def test_negative_rho_from_a_schedule_poisons_the_update():
+  """A traced rho < 0 cannot raise without a host sync every step: the update
+  is NaN instead of a silent step in the wrong direction."""
+  params = jax.tree.map(jnp.asarray, mlp_params())
+  x, y = batches(1)[0]
+  grad_fn = lambda p: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
+  for value, finite in ((-0.1, False), (float("nan"), False), (0.1, True)):
+    tx = cram(
+        optax.sgd(0.1),
+        compress.global_magnitude(0.5),
+        rho=lambda count, value=value: value,
+    )
+    step = jax.jit(
+        lambda p, s, tx=tx: tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    )
+    updates, _ = step(params, tx.init(params))
+    # Every leaf whose compressed-point gradient is not masked away is NaN.
+    assert finite == all(np.isfinite(u).all() for u in jax.tree.leaves(updates))

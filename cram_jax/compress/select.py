@@ -53,6 +53,11 @@ def _as_patterns(
         f"Selection: {option} must be a regex string or a list of them, got "
         f"{patterns!r}"
     )
+  if not patterns:
+    raise ValueError(
+        f"Selection: {option} is an empty list; use None for "
+        + ("every leaf" if option == "include" else "no exclusion")
+    )
   compiled = []
   for p in patterns:
     if isinstance(p, re.Pattern) and isinstance(p.pattern, str):
