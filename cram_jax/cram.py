@@ -190,10 +190,18 @@ def cram(
       )
     step_rho = rho(state.count) if callable(rho) else rho
     if callable(rho):
-      validate.check_real(step_rho, "rho (the schedule's value)", owner)
+      step_rho = validate.check_real(
+          step_rho, "rho (the schedule's value)", owner
+      )
+    if validate.is_traced(step_rho):
       # A traced negative value cannot raise without a host sync per step:
       # it turns the update into NaN instead (one scalar select, no sync).
       step_rho = jnp.where(step_rho >= 0, step_rho, jnp.nan)
+    elif not 0.0 <= step_rho < float("inf"):
+      raise ValueError(
+          f"{owner}: rho (the schedule's value) must be a finite "
+          f"non-negative number, got {step_rho!r}"
+      )
     perturbed = jax.tree.map(
         lambda x, g: (x + step_rho * g).astype(x.dtype), params, direction
     )

@@ -618,6 +618,23 @@ def test_trees_that_do_not_match_params_are_named(
       step(params, tx.init(params))
 
 
+def test_bad_schedule_values():
+  params = jax.tree.map(jnp.asarray, mlp_params())
+
+  def update(rho):
+    tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=rho)
+    return jax.eval_shape(  # trace time
+        lambda p: tx.update(p, tx.init(p), p, grad_fn=lambda q: q), params
+    )
+
+  with pytest.raises(ValueError, match="schedule's value\\) must be a finite"):
+    update(lambda count: -0.1)  # a Python number: known at trace time
+  with pytest.raises(TypeError, match="must be a real number, got 'a'"):
+    update(lambda count: "a")
+  with pytest.raises(ValueError, match=r"must be a scalar, got shape \(3,\)"):
+    update(lambda count: jnp.ones(3))
+
+
 def test_negative_rho_from_a_schedule_poisons_the_update():
   """A traced rho < 0 cannot raise without a host sync every step: the update
   is NaN instead of a silent step in the wrong direction."""
@@ -628,7 +645,7 @@ def test_negative_rho_from_a_schedule_poisons_the_update():
     tx = cram(
         optax.sgd(0.1),
         compress.global_magnitude(0.5),
-        rho=lambda count, value=value: value,
+        rho=lambda count, value=value: jnp.float32(value) + 0 * count,
     )
     step = jax.jit(
         lambda p, s, tx=tx: tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
