@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from optax import tree as optax_tree
 
-from cram_jax.compress import base
+from cram_jax.compress import base, validate
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -70,7 +70,8 @@ def cram(
       (weight decay enters ``G`` at ``x``, never the perturbation).
     compressor: ``compress(params, key) -> (compressed, masks)``, e.g.
       ``global_magnitude([0.5, 0.7, 0.9])``; ``global_magnitude(0.0)`` is the identity.
-    rho: perturbation size, a float or a schedule of the step count.
+    rho: perturbation size, a finite float >= 0 or a schedule of the step
+      count; a schedule value below 0 or NaN makes that step's update NaN.
     plus: CrAM+: add the clean gradient, ``G = g2 + g`` (a sum, not an average).
     sparse_grad: mask the compressed-point gradient with the compressor's masks
       (the exact derivative of ``w -> M * w``); False is straight-through.
@@ -86,6 +87,15 @@ def cram(
     An ``optax.GradientTransformationExtraArgs``; unknown extra arguments are
     passed on to the wrapped optimizer.
 
+  Raises:
+    TypeError, ValueError: at once for a bad option (an optimizer factory
+      passed uncalled, a compressor factory passed uncalled, a ``rho`` that is
+      not a finite non-negative number or a callable, ...). In ``update``, at
+      trace time under ``jit`` (static shapes only, nothing per step): when
+      ``grads``, ``grad_fn``'s output, the compressed params or the masks do
+      not match ``params`` leaf for leaf (the error names the first leaf and
+      both shapes), or when ``params`` has a non-float leaf.
+
   References:
     Peste et al., `CrAM: A Compression-Aware Minimizer
     <https://arxiv.org/abs/2207.14200>`_, ICLR 2023.
@@ -97,22 +107,40 @@ def cram(
     updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
     params = optax.apply_updates(params, updates)
   """
-  if not callable(compressor):
-    raise TypeError(
-        f"cram: compressor must be callable (params, key) -> (params, masks), "
-        f"got {compressor!r}"
-    )
-  if not callable(rho) and not isinstance(rho, jax.core.Tracer):
-    if not float(rho) >= 0.0:
+  owner = "cram"
+  validate.check_optimizer(optimizer, owner)
+  validate.check_compressor(compressor, owner)
+  if not callable(rho):
+    rho = validate.check_real(rho, "rho", owner)
+    if not validate.is_traced(rho) and not 0.0 <= rho < float("inf"):
       raise ValueError(
-          f"cram: rho must be a non-negative number or a schedule, got {rho!r}"
+          f"{owner}: rho must be a finite non-negative number or a schedule, "
+          f"got {rho!r}"
       )
+  for name, flag in (
+      ("plus", plus),
+      ("sparse_grad", sparse_grad),
+      ("normalize", normalize),
+      ("local_perturbation", local_perturbation),
+  ):
+    validate.check_bool(flag, name, owner)
+  if batch_axis_name is not None and not (
+      isinstance(batch_axis_name, str)
+      or (
+          isinstance(batch_axis_name, tuple)
+          and all(isinstance(a, str) for a in batch_axis_name)
+      )
+  ):
+    raise TypeError(
+        f"{owner}: batch_axis_name must be an axis name (str) or a tuple of "
+        f"them, got {batch_axis_name!r}"
+    )
   if local_perturbation and batch_axis_name is None:
     raise ValueError(
         "cram: local_perturbation=True needs batch_axis_name (the replica axis)"
     )
   inner = optax.with_extra_args_support(optimizer)
-  seed_key = jax.random.key_data(base.as_key(key))
+  seed_key = jax.random.key_data(base.as_key(key, owner))
 
   def init_fn(params: optax.Params) -> CrAMState:
     return CrAMState(
@@ -138,6 +166,21 @@ def cram(
           "cram: update needs grad_fn=, the loss gradient on the same minibatch: "
           "tx.update(grads, state, params, grad_fn=grad_fn)"
       )
+    if not isinstance(state, CrAMState):
+      raise TypeError(
+          "cram: state must be the CrAMState returned by tx.init(params), got "
+          f"{validate.short(state)}"
+      )
+    if not callable(grad_fn):
+      raise TypeError(
+          f"cram: grad_fn must be callable params -> grads, got "
+          f"{validate.short(grad_fn)}"
+      )
+    # Static shape/dtype checks: trace time only under jit.
+    validate.check_floating_tree(params, owner=owner)
+    updates = validate.check_same_tree(
+        params, updates, owner=owner, other_name="grads (updates)"
+    )
     clean = _pmean(updates, batch_axis_name)
     direction = updates if local_perturbation else clean
     if normalize:
@@ -146,20 +189,36 @@ def cram(
           lambda g: g / (norm + 1e-12).astype(g.dtype), direction
       )
     step_rho = rho(state.count) if callable(rho) else rho
+    if callable(rho):
+      step_rho = validate.check_real(
+          step_rho, "rho (the schedule's value)", owner
+      )
+    if validate.is_traced(step_rho):
+      # A traced negative value cannot raise without a host sync per step:
+      # it turns the update into NaN instead (one scalar select, no sync).
+      step_rho = jnp.where(step_rho >= 0, step_rho, jnp.nan)
+    elif not 0.0 <= step_rho < float("inf"):
+      raise ValueError(
+          f"{owner}: rho (the schedule's value) must be a finite "
+          f"non-negative number, got {step_rho!r}"
+      )
     perturbed = jax.tree.map(
         lambda x, g: (x + step_rho * g).astype(x.dtype), params, direction
     )
 
     key, level_key = jax.random.split(jax.random.wrap_key_data(state.key))
-    compressed, masks = compressor(perturbed, level_key)
-    compressed_grads = _pmean(grad_fn(compressed), batch_axis_name)
-    if jax.tree.structure(compressed_grads) != jax.tree.structure(params):
-      raise ValueError(
-          "cram: grad_fn(params) must return gradients shaped like params, got "
-          f"{jax.tree.structure(compressed_grads)}"
-      )
+    compressed, masks = validate.check_compressor_output(
+        compressor(perturbed, level_key), perturbed, owner=owner
+    )
+    compressed_grads = validate.check_same_tree(
+        params,
+        grad_fn(compressed),
+        owner=owner,
+        other_name="grad_fn(compressed params)",
+    )
+    compressed_grads = _pmean(compressed_grads, batch_axis_name)
     if sparse_grad:
-      compressed_grads = base.apply_masks(masks, compressed_grads)
+      compressed_grads = base.apply_masks(masks, compressed_grads, owner=owner)
     cram_grads = (
         jax.tree.map(jnp.add, compressed_grads, clean)
         if plus

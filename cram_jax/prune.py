@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cram_jax.compress import base
+from cram_jax.compress import base, validate
 from cram_jax.compress import select as select_lib
 
 
@@ -28,10 +29,33 @@ def prune(
     compressor: e.g. ``global_magnitude(0.9)`` or ``n_of_m(2, 4)``.
     key: needed only when the compressor samples a level per call.
     **kwargs: passed to the compressor (e.g. ``level=``).
+
+  Raises:
+    TypeError, ValueError: before compiling, for a non-compressor, a key of the
+      wrong type, keyword arguments the compressor does not take, or a level
+      out of range (for the magnitude compressors, whose ``check_call`` sees
+      the concrete arguments; under ``jit`` a level would only be traced); after
+      the call, when the compressor's output does not fit ``params``.
   """
-  if not callable(compressor):
-    raise TypeError(f"prune: compressor must be callable, got {compressor!r}")
-  return jax.jit(compressor)(params, key, **kwargs)
+  owner = "prune"
+  validate.check_compressor(compressor, owner)
+  if key is not None:
+    base.as_key(key, owner)
+  try:
+    inspect.signature(compressor).bind(params, key, **kwargs)
+  except TypeError as e:
+    raise TypeError(
+        f"{owner}: the compressor cannot be called as compressor(params, key"
+        + "".join(f", {k}=..." for k in sorted(kwargs))
+        + f"): {e}"
+    ) from None
+  except ValueError:  # no signature to inspect (a builtin): let the call tell
+    pass
+  check_call = getattr(compressor, "check_call", None)
+  if callable(check_call):
+    check_call(key, **kwargs)
+  out = jax.jit(compressor)(params, key, **kwargs)
+  return validate.check_compressor_output(out, params, owner=owner)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +129,7 @@ class SparsityReport:
 def sparsity_report(
     params: Any,
     masks: Any = None,
-    select: select_lib.Selector = select_lib.DEFAULT,
+    select: select_lib.Selector | None = None,
 ) -> SparsityReport:
   """Counts exact zeros in every leaf of ``params``.
 
@@ -114,15 +138,26 @@ def sparsity_report(
     masks: optional mask tree from a compressor; its non-None entries define
       which leaves are prunable. Without it, ``select`` does (default: float
       leaves with ``ndim >= 2``).
-    select: the prunable rule when ``masks`` is None.
+    select: the prunable rule when ``masks`` is None: a
+      :class:`~cram_jax.compress.select.Selection` (e.g.
+      ``Selection(include='kernel')``) or a callable ``(path, leaf) -> bool``.
+      Giving both ``masks`` and ``select`` is an error (they could disagree).
   """
+  owner = "sparsity_report"
+  if masks is not None and select is not None:
+    raise ValueError(
+        f"{owner}: pass masks= or select=, not both (the masks already say "
+        "which leaves are prunable)"
+    )
   if masks is not None:
-    base.check_masks(params, masks, owner="sparsity_report")
+    masks = base.check_masks(params, masks, owner=owner)
     prunable = jax.tree.map(
         lambda m, _: m is not None, masks, params, is_leaf=lambda x: x is None
     )
   else:
-    prunable = select_lib.selection_tree(params, select)
+    select = select_lib.DEFAULT if select is None else select
+    select_lib.check_selector(select, owner)
+    prunable = select_lib.selection_tree(params, select, owner=owner)
   zero_counts = jax.device_get(jax.tree.map(lambda x: jnp.sum(x == 0), params))
   rows = []
   for (path, x), zeros, is_prunable in zip(
@@ -157,10 +192,24 @@ def keep_pruned(
     optimizer: any optax optimizer.
     masks: the mask tree returned by :func:`prune` (None = leaf not pruned).
   """
+  owner = "keep_pruned"
+  validate.check_optimizer(optimizer, owner)
+  if masks is None:
+    raise ValueError(
+        f"{owner}: masks is None; pass the mask tree returned by prune()"
+    )
+  for path, m in jax.tree_util.tree_flatten_with_path(
+      masks, is_leaf=lambda x: x is None
+  )[0]:
+    if m is not None and validate.dtype_of(m) != jnp.bool_:
+      raise TypeError(
+          f"{owner}: mask for leaf '{select_lib.path_str(path)}' must be a "
+          f"bool array or None, got {validate.short(m)}"
+      )
   inner = optax.with_extra_args_support(optimizer)
 
   def init_fn(params):
-    base.check_masks(params, masks, owner="keep_pruned")
+    base.check_masks(params, masks, owner=owner)
     return inner.init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -168,12 +217,20 @@ def keep_pruned(
       raise ValueError(
           "keep_pruned: update needs params, to hold pruned weights at zero"
       )
+    # Static checks: trace time only under jit.
+    fitted = base.check_masks(params, masks, owner=owner)
+    updates = validate.check_same_tree(
+        params, updates, owner=owner, other_name="grads (updates)"
+    )
     updates, state = inner.update(
-        base.apply_masks(masks, updates), state, params, **extra_args
+        base.apply_masks(fitted, updates, owner=owner),
+        state,
+        params,
+        **extra_args,
     )
     held = jax.tree.map(
         lambda m, u, p: u if m is None else jnp.where(m, u, -p).astype(u.dtype),
-        masks,
+        fitted,
         updates,
         params,
         is_leaf=lambda x: x is None,

@@ -62,8 +62,10 @@ def test_reset_and_errors():
   reset = reset_batch_stats(stats)
   np.testing.assert_array_equal(reset["bn"]["mean"], 0.0)
   np.testing.assert_array_equal(reset["bn"]["var"], 1.0)
-  with pytest.raises(ValueError, match="no 'mean'/'var'"):
+  with pytest.raises(ValueError, match=r"no 'mean'/'var'.*\['x'\]"):
     reset_batch_stats({"x": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"pass variables\['batch_stats'\]"):
+    reset_batch_stats({"params": {}, "batch_stats": stats})
   model = Net()
   x = np.ones((4, 5), np.float32)
   variables = model.init(jax.random.key(0), x, train=False)
@@ -89,3 +91,146 @@ def test_calibration_batches_follow_the_recipe():
   assert all(np.array_equal(a, b) for a, b in zip(out, again))
   flipped = next(calibration_batches(images, augment=lambda b, rng: -b))
   assert (flipped <= 0).all()
+
+
+class Wide(nn.Module):
+  """Net with 7 BatchNorm features and an extra BatchNorm layer."""
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = nn.Dense(7, name="dense")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+    return nn.BatchNorm(use_running_average=not train, name="bn2")(x)
+
+
+@pytest.mark.parametrize(
+    "stats,error,match",
+    [
+        (
+            lambda own, wide: {"bn": wide["bn"]},  # another model's widths
+            ValueError,
+            r"variables\['batch_stats'\] leaf 'bn/mean' has shape \(7,\), the "
+            r"model's batch_stats leaf has shape \(6,\)",
+        ),
+        (
+            lambda own, wide: wide,  # another model's tree
+            ValueError,
+            r"extra leaves in variables\['batch_stats'\]: \['bn2/mean'",
+        ),
+        (
+            lambda own, wide: {**own, "bn2": wide["bn2"]},  # used to be kept
+            ValueError,
+            r"extra leaves in variables\['batch_stats'\]: \['bn2/mean', "
+            r"'bn2/var'\]",
+        ),
+        (
+            lambda own, wide: {"bn": {"mean": own["bn"]["mean"]}},
+            ValueError,
+            r"missing from variables\['batch_stats'\]: \['bn/var'\]",
+        ),
+        (
+            lambda own, wide: {
+                "bn": {"mean": own["bn"]["mean"][:1], "var": own["bn"]["var"]}
+            },
+            ValueError,
+            r"leaf 'bn/mean' has shape \(1,\)",
+        ),
+    ],
+)
+def test_recalibrate_rejects_batch_stats_that_are_not_the_models(
+    stats, error, match
+):
+  x = np.ones((4, 5), np.float32)
+  variables = Net().init(jax.random.key(0), x, train=False)
+  wide = Wide().init(jax.random.key(0), x, train=False)["batch_stats"]
+  bad = {**variables, "batch_stats": stats(variables["batch_stats"], wide)}
+  for reset in (True, False):
+    with pytest.raises(error, match=match):
+      recalibrate_batch_stats(Net(), bad, [x], reset=reset)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,error,match",
+    [
+        (
+            ("model", "variables", "batches"),
+            {},
+            TypeError,
+            "model must be a flax.linen Module, got 'model'",
+        ),
+        (("net", [], "batches"), {}, TypeError, "variables must be a mapping"),
+        (
+            ("net", "variables", np.ones((4, 5), np.float32)),
+            {},
+            TypeError,
+            r"got a single array of shape \(4, 5\); wrap it",
+        ),
+        (("net", "variables", 3), {}, TypeError, "iterable of batches, got 3"),
+        (
+            ("net", "variables", "batches"),
+            dict(apply_kwargs="train"),
+            TypeError,
+            "apply_kwargs must be a mapping",
+        ),
+        (
+            ("net", "variables", "batches"),
+            dict(apply_kwargs={"train": [True]}),
+            TypeError,
+            "apply_kwargs values must be hashable",
+        ),
+        (
+            ("net", "variables", "batches"),
+            dict(reset="yes"),
+            TypeError,
+            "reset must be True or False",
+        ),
+    ],
+)
+def test_recalibrate_bad_arguments(args, kwargs, error, match):
+  x = np.ones((4, 5), np.float32)
+  fill = {
+      "net": Net(),
+      "variables": Net().init(jax.random.key(0), x, train=False),
+      "batches": [x],
+  }
+  args = [fill.get(a, a) if isinstance(a, str) else a for a in args]
+  with pytest.raises(error, match=match):
+    recalibrate_batch_stats(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "images,kwargs,error,match",
+    [
+        # An empty array used to hang the first next().
+        (np.zeros((0, 3)), {}, ValueError, r"at least one image.*\(0, 3\)"),
+        (np.float32(1), {}, ValueError, "at least one image"),
+        (
+            None,
+            dict(num_batches=0),
+            ValueError,
+            "num_batches must be >= 1, got 0",
+        ),
+        (
+            None,
+            dict(num_batches=-1),
+            ValueError,
+            "num_batches must be >= 1, got -1",
+        ),
+        (None, dict(num_batches=2.5), TypeError, "num_batches must be an int"),
+        (
+            None,
+            dict(batch_size=True),
+            TypeError,
+            "batch_size must be an int, got True",
+        ),
+        (None, dict(num_images=0), ValueError, "num_images must be >= 1"),
+        (None, dict(seed=-1), ValueError, "seed must be >= 0"),
+        (None, dict(seed="s"), TypeError, "seed must be an int"),
+        (None, dict(augment=3), TypeError, "augment must be a callable"),
+    ],
+)
+def test_calibration_batches_bad_arguments(images, kwargs, error, match):
+  images = np.ones((10, 3), np.float32) if images is None else images
+  # Raised by the call itself, not lazily by the first next().
+  with pytest.raises(error, match=match):
+    calibration_batches(images, **kwargs)

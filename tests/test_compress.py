@@ -284,12 +284,161 @@ def test_quantize_matches_numpy_oracle(bits, data):
 # ---------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), [0.5, 1.2], []])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        -0.1,
+        1.5,
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        [0.5, 1.2],
+        [],
+        np.array([]),
+        np.full((2, 2), 0.5),
+    ],
+)
 def test_sparsity_out_of_range_is_rejected(bad):
   with pytest.raises(ValueError, match="sparsity"):
     compress.global_magnitude(bad)
   with pytest.raises(ValueError, match="sparsity"):
     compress.layerwise_magnitude(bad)
+
+
+@pytest.mark.parametrize(
+    "bad", [True, np.bool_(False), "0.5", None, [0.5, True], 0.5 + 0j, {0.5}]
+)
+def test_sparsity_of_the_wrong_type_is_rejected(bad):
+  # A bool is not a number here: True would otherwise prune everything.
+  for make in (compress.global_magnitude, compress.layerwise_magnitude):
+    with pytest.raises(TypeError, match=r"sparsity must be a real number"):
+      make(bad)
+
+
+@pytest.mark.parametrize("as_array", [np.asarray, jnp.asarray])
+def test_levels_given_as_an_array_are_a_list_of_levels(as_array):
+  rng = np.random.default_rng(7)
+  kernel = rng.normal(size=(12, 10)).astype(np.float32)
+  levels = [0.25, 0.6, 0.9]
+  compress_fn = compress.global_magnitude(as_array(levels))
+  assert len(compress_fn.levels) == 3
+  for i, s in enumerate(levels):
+    _, masks = compress_fn({"k": jnp.asarray(kernel)}, level=i)
+    want = topk_oracle(np.abs(kernel).ravel(), round((1 - s) * kernel.size))
+    np.testing.assert_array_equal(np.asarray(masks["k"]).ravel(), want)
+
+
+@pytest.mark.parametrize(
+    "make,level,sparsity,match",
+    [
+        (compress.global_magnitude, 3, None, "got 3"),
+        (compress.global_magnitude, -1, None, "got -1"),
+        (compress.layerwise_magnitude, 7, None, "got 7"),
+        (
+            compress.global_magnitude,
+            None,
+            1.5,
+            r"sparsity must be in \[0, 1\], got 1.5",
+        ),
+        (compress.global_magnitude, None, float("nan"), "got nan"),
+        (compress.layerwise_magnitude, None, -0.25, "got -0.25"),
+    ],
+)
+def test_traced_level_or_sparsity_out_of_range_is_loud_under_jit(
+    make, level, sparsity, match
+):
+  """Traced values cannot be checked at trace time: the run itself raises,
+  never clamps (a JaxRuntimeError carrying the ValueError's message)."""
+  params = {"k": jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)))}
+  if level is not None:
+    run = jax.jit(lambda p, i: make([0.5, 0.7, 0.9])(p, level=i))
+    arg = level
+  else:
+    run = jax.jit(lambda p, s: make(s)(p))
+    arg = sparsity
+  with pytest.raises(jax.errors.JaxRuntimeError, match=match):
+    jax.block_until_ready(run(params, arg))
+
+
+def test_traced_range_check_costs_no_host_call_when_in_range(monkeypatch):
+  from cram_jax.compress import validate  # noqa: PLC0415
+
+  calls = []
+  real = validate._raise_out_of_range
+  monkeypatch.setattr(
+      validate,
+      "_raise_out_of_range",
+      lambda *a, **k: (calls.append(a), real(*a, **k)),
+  )
+  rng = np.random.default_rng(1)
+  params = {"k": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)}
+  levels = [0.2, 0.5, 0.8]
+  sweep = jax.jit(lambda p, i: compress.global_magnitude(levels)(p, level=i))
+  for i in range(3):
+    jax.block_until_ready(sweep(params, i))
+  assert calls == []  # the cond's reporting branch never ran
+  # Under vmap the cond runs both branches; the host re-check keeps quiet.
+  batched = jax.vmap(lambda i: sweep(params, i)[1]["k"])(jnp.arange(3))
+  for i, s in enumerate(levels):
+    want = topk_oracle(
+        np.abs(np.asarray(params["k"])).ravel(), round((1 - s) * 30)
+    )
+    np.testing.assert_array_equal(np.asarray(batched[i]).ravel(), want)
+  calls.clear()
+  with pytest.raises(jax.errors.JaxRuntimeError, match="got 3"):
+    jax.block_until_ready(sweep(params, 3))
+  assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "level,error,match",
+    [
+        (3, ValueError, "level must index one of the 3"),
+        (np.int64(-1), ValueError, "got -1"),
+        (jnp.asarray(5), ValueError, "got 5"),
+        (1.5, TypeError, "level must be an int index, got 1.5"),
+        (True, TypeError, "level must be an int index, got True"),
+        ("1", TypeError, "level must be an int index"),
+        (np.float32(1), TypeError, "dtype float32"),
+        (np.array([0, 1]), ValueError, r"scalar index, got shape \(2,\)"),
+    ],
+)
+def test_bad_concrete_level_is_rejected_before_tracing(level, error, match):
+  params = {"k": jnp.ones((4, 4))}
+  for make in (compress.global_magnitude, compress.layerwise_magnitude):
+    with pytest.raises(error, match=match):
+      make([0.5, 0.7, 0.9])(params, level=level)
+
+
+@pytest.mark.parametrize(
+    "key,error,match",
+    [
+        ("abc", TypeError, "key must be a PRNG key"),
+        (1.5, TypeError, "key must be a PRNG key"),
+        (True, TypeError, "got True"),
+        (np.zeros(3, np.uint32), ValueError, r"must have shape \(2,\)"),
+        (np.zeros(2, np.float32), TypeError, "dtype float32"),
+        (
+            jax.random.split(jax.random.key(0)),
+            ValueError,
+            "a single PRNG key",
+        ),
+    ],
+)
+def test_bad_keys_are_rejected(key, error, match):
+  params = {"k": jnp.ones((4, 4))}
+  for make in (
+      lambda: compress.global_magnitude([0.5, 0.7]),
+      lambda: compress.global_magnitude(0.5),  # needs no key, checks it
+      lambda: compress.n_of_m(2, 4),
+      lambda: compress.quantize(8),
+      lambda: compress.random_choice([compress.n_of_m(2, 4)]),
+  ):
+    with pytest.raises(error, match=match):
+      make()(params, key)
+  # The accepted forms.
+  for key in (0, np.int64(3), jax.random.key(1), jax.random.PRNGKey(2)):
+    compress.global_magnitude([0.5, 0.7])(params, key)
 
 
 @pytest.mark.parametrize(
@@ -304,8 +453,46 @@ def test_n_of_m_bad_arguments(n, m, match):
 def test_n_of_m_type_and_policy_errors():
   with pytest.raises(TypeError, match="n must be an int"):
     compress.n_of_m(2.0, 4)
+  with pytest.raises(TypeError, match="n must be an int, got True"):
+    compress.n_of_m(True, 4)
+  with pytest.raises(TypeError, match="axis must be an int, got 1.5"):
+    compress.n_of_m(2, 4, axis=1.5)
   with pytest.raises(ValueError, match="on_indivisible"):
     compress.n_of_m(2, 4, on_indivisible="pad")
+  with pytest.raises(ValueError, match="on_indivisible"):
+    compress.n_of_m(2, 4, on_indivisible=None)
+  with pytest.raises(
+      ValueError, match="leaf 'k' of shape \\(8, 4\\) has no axis 5"
+  ):
+    compress.n_of_m(2, 4, axis=5)({"k": jnp.ones((8, 4))})
+
+
+@pytest.mark.parametrize(
+    "n,m,axis,shape,error,match",
+    [
+        (3, 2, -2, (8, 4), ValueError, "needs 1 <= n <= m, got n=3, m=2"),
+        (0, 4, -2, (8, 4), ValueError, "needs 1 <= n <= m"),
+        (2, 0, -2, (8, 4), ValueError, "needs 1 <= n <= m"),
+        (-1, 4, -2, (8, 4), ValueError, "needs 1 <= n <= m"),
+        (2.0, 4, -2, (8, 4), TypeError, "n must be an int, got 2.0"),
+        (2, True, -2, (8, 4), TypeError, "m must be an int, got True"),
+        (2, 4, 5, (8, 4), ValueError, "2 dimensions, no axis 5"),
+        (2, 4, 1.5, (8, 4), TypeError, "axis must be an int, got 1.5"),
+        (
+            2,
+            3,
+            -2,
+            (8, 4),
+            ValueError,
+            "8 entries along axis 0, not a multiple of 3",
+        ),
+        (2, 4, -2, (), ValueError, "0 dimensions, no axis -2"),
+    ],
+)
+def test_nm_mask_bad_arguments(n, m, axis, shape, error, match):
+  # Before: nm_mask(x, 3, 2) kept every weight.
+  with pytest.raises(error, match=match):
+    compress.nm_mask(jnp.ones(shape), n, m, axis)
 
 
 def test_indivisible_axis_names_the_leaf():
@@ -345,30 +532,224 @@ def test_multi_level_without_key():
     compress.global_magnitude([0.5, 0.9])({"k": jnp.ones((4, 4))})
 
 
-def test_quantize_bad_bits():
-  with pytest.raises(ValueError, match=r"bits must be in \[2, 16\], got 1"):
-    compress.quantize(1)
-  with pytest.raises(TypeError, match="bits must be an int"):
-    compress.quantize(4.0)
+@pytest.mark.parametrize(
+    "bits,error,match",
+    [
+        (1, ValueError, r"bits must be in \[2, 16\], got 1"),
+        (0, ValueError, r"bits must be in \[2, 16\], got 0"),
+        (33, ValueError, r"bits must be in \[2, 16\], got 33"),
+        (4.0, TypeError, "bits must be an int, got 4.0"),
+        (True, TypeError, "bits must be an int, got True"),
+    ],
+)
+def test_quantize_bad_bits(bits, error, match):
+  # Before: fake_quantize(x, 1) returned NaN everywhere.
+  with pytest.raises(error, match=match):
+    compress.quantize(bits)
+  with pytest.raises(error, match=match):
+    compress.fake_quantize(jnp.ones((4, 4)), bits)
+
+
+@pytest.mark.parametrize(
+    "x,axis,error,match",
+    [
+        (
+            jnp.ones((4, 3)),
+            5,
+            ValueError,
+            r"x of shape \(4, 3\) has 2 dimensions, no axis 5",
+        ),
+        (jnp.ones((4, 3)), -3, ValueError, "no axis -3"),
+        (jnp.ones((4, 3)), 1.5, TypeError, "axis must be an int, got 1.5"),
+        (jnp.ones(()), -1, ValueError, "0 dimensions, no axis -1"),
+        (jnp.ones((4, 3), jnp.int32), -1, TypeError, "floating-point array"),
+        ("abc", -1, TypeError, "floating-point array, got 'abc'"),
+    ],
+)
+def test_fake_quantize_bad_array_or_axis(x, axis, error, match):
+  # Before: axis=5 on a 2-D array quietly used axis 1 (5 % 2).
+  with pytest.raises(error, match=match):
+    compress.fake_quantize(x, 8, axis=axis)
+
+
+def test_fake_quantize_honours_axis():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(5, 4)).astype(np.float32)
+  for axis in (0, 1, -1):
+    keep = tuple(a for a in range(2) if a != axis % 2)
+    scale = np.abs(x).max(axis=keep, keepdims=True) / 7  # 4 bits: 7 levels
+    want = np.clip(np.round(x / scale), -7, 7) * scale
+    np.testing.assert_allclose(
+        compress.fake_quantize(jnp.asarray(x), 4, axis=axis), want, rtol=1e-6
+    )
+
+
+def test_quantize_bad_axis():
+  with pytest.raises(TypeError, match="axis must be an int, got 'x'"):
+    compress.quantize(8, axis="x")
+  with pytest.raises(ValueError, match="leaf 'k' of shape"):
+    compress.quantize(8, axis=2)({"k": jnp.ones((4, 4))})
 
 
 def test_select_and_patterns_together():
   with pytest.raises(ValueError, match="either select= or include="):
     compress.global_magnitude(0.5, select=compress.Selection(), exclude="x")
-  with pytest.raises(ValueError, match="not a valid regex"):
-    compress.Selection(include="(")
 
 
-def test_check_masks_mismatch():
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (
+            dict(include=5),
+            TypeError,
+            "include must be a regex string or a list",
+        ),
+        (dict(exclude=3.5), TypeError, "exclude must be a regex string"),
+        (
+            dict(exclude=["a", 3]),
+            TypeError,
+            "exclude patterns must be strings, got 3",
+        ),
+        (dict(include="("), ValueError, "not a valid regex"),
+        (dict(include=[]), ValueError, "include is an empty list; use None"),
+        (dict(min_ndim=True), TypeError, "min_ndim must be an int, got True"),
+        (dict(min_ndim=2.0), TypeError, "min_ndim must be an int, got 2.0"),
+        (dict(min_ndim=-1), ValueError, "non-negative"),
+    ],
+)
+def test_selection_bad_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    compress.Selection(**kwargs)
+
+
+def test_bad_select_callables():
+  params = {"k": jnp.ones((4, 4))}
+  with pytest.raises(TypeError, match="use include='kernel'"):
+    compress.global_magnitude(0.5, select="kernel")
+  with pytest.raises(
+      TypeError,
+      match=r"select\('k', leaf\) must return True or False, got None",
+  ):
+    compress.global_magnitude(0.5, select=lambda path, leaf: None)(params)
+  # Compiled patterns and concrete bool arrays are fine.
+  import re  # noqa: PLC0415
+
+  _, masks = compress.global_magnitude(
+      0.5, select=compress.Selection(include=re.compile("k"))
+  )(params)
+  assert masks["k"] is not None
+  _, masks = compress.global_magnitude(
+      0.5, select=lambda path, leaf: jnp.asarray(path == "k")
+  )(params)
+  assert masks["k"] is not None
+
+
+def _params_only(p, key=None):
+  return p
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        (([],), ValueError, "needs at least one compressor"),
+        ((compress.n_of_m(2, 4),), TypeError, "must be a list of compressors"),
+        (([0.5],), TypeError, r"compressors\[0\]: compressor must be callable"),
+        (
+            ([compress.global_magnitude],),
+            TypeError,
+            r"did you mean global_magnitude\(...\)",
+        ),
+        (
+            ([compress.n_of_m(2, 4), compress.n_of_m(1, 4)], [True, False]),
+            TypeError,
+            r"probabilities\[0\] must be a real number, got True",
+        ),
+        (
+            ([compress.n_of_m(2, 4), compress.n_of_m(1, 4)], [float("nan"), 1]),
+            ValueError,
+            "2 non-negative numbers summing to 1",
+        ),
+        (
+            ([compress.n_of_m(2, 4), compress.n_of_m(1, 4)], "ab"),
+            TypeError,
+            "probabilities must be a list of numbers",
+        ),
+        (
+            ([compress.n_of_m(2, 4), compress.n_of_m(1, 4)], [1.0]),
+            ValueError,
+            "summing to 1, got \\[1.0\\]",
+        ),
+    ],
+)
+def test_random_choice_bad_arguments(args, error, match):
+  with pytest.raises(error, match=match):
+    compress.random_choice(*args)
+
+
+def test_random_choice_bad_compressor_outputs():
+  params = {"k": jnp.ones((4, 4))}
+  with pytest.raises(
+      TypeError, match=r"compressors\[0\] must return a pair .* got a dict"
+  ):
+    compress.random_choice([_params_only])(params, 0)
+  with pytest.raises(ValueError, match="needs a PRNG key"):
+    compress.random_choice([compress.n_of_m(2, 4)])(params)
+
+
+@pytest.mark.parametrize("fn", [compress.check_masks, compress.apply_masks])
+@pytest.mark.parametrize(
+    "masks,error,match",
+    [
+        (
+            {"a": jnp.ones((2, 2), bool)},
+            ValueError,
+            "missing from the mask tree: \\['b'\\]",
+        ),
+        (
+            {"a": jnp.ones((2, 2), bool), "b": None, "c": None},
+            ValueError,
+            "extra leaves in the mask tree: \\['c'\\]",
+        ),
+        (
+            {"a": jnp.ones((2, 3), bool), "b": None},
+            ValueError,
+            r"leaf 'a' has shape \(2, 3\), the params leaf has shape \(2, 2\)",
+        ),
+        # Broadcastable, so jnp.where would have broadcast it silently.
+        (
+            {"a": jnp.ones((1, 2), bool), "b": None},
+            ValueError,
+            r"leaf 'a' has shape \(1, 2\), the params leaf has shape \(2, 2\)",
+        ),
+        (
+            {"a": jnp.ones((2, 2)), "b": None},
+            TypeError,
+            "leaf 'a' has dtype float32, not bool",
+        ),
+        ({"a": "yes", "b": None}, TypeError, "leaf 'a' is not an array"),
+        (None, ValueError, "masks is None"),
+    ],
+)
+def test_masks_that_do_not_fit_params(fn, masks, error, match):
   params = {"a": jnp.ones((2, 2)), "b": jnp.ones(2)}
-  with pytest.raises(ValueError, match="does not match the params tree"):
-    compress.check_masks(params, {"a": jnp.ones((2, 2), bool)}, owner="t")
-  with pytest.raises(ValueError, match="leaf 'a' has shape"):
-    compress.check_masks(
-        params, {"a": jnp.ones((2, 3), bool), "b": None}, owner="t"
-    )
-  with pytest.raises(TypeError, match="leaf 'a' has dtype float32"):
-    compress.check_masks(params, {"a": jnp.ones((2, 2)), "b": None}, owner="t")
+  with pytest.raises(error, match=match):
+    if fn is compress.check_masks:
+      fn(params, masks)
+    else:
+      fn(masks, params)
+
+
+def test_masks_in_another_container_with_the_same_paths_fit():
+  from flax.core import FrozenDict  # noqa: PLC0415
+
+  params = {"a": jnp.arange(4.0).reshape(2, 2), "b": jnp.ones(2)}
+  masks = FrozenDict(
+      {"a": jnp.asarray([[True, False], [False, True]]), "b": None}
+  )
+  out = compress.apply_masks(masks, params)
+  assert isinstance(out, dict)
+  np.testing.assert_array_equal(out["a"], [[0.0, 0.0], [0.0, 3.0]])
+  np.testing.assert_array_equal(out["b"], [1.0, 1.0])
 
 
 def test_level_argument_sweeps_levels_with_one_compilation():

@@ -434,23 +434,222 @@ def test_pmap_with_batch_axis_name_equals_single_large_batch():
 # ---------------------------------------------------------------- errors
 
 
-def test_bad_arguments():
+def test_bad_update_calls():
   params = jax.tree.map(jnp.asarray, mlp_params())
   tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.1)
   with pytest.raises(ValueError, match="grad_fn"):
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(params, tx.init(params), None, grad_fn=lambda p: p)
-  with pytest.raises(ValueError, match="rho must be a non-negative"):
-    cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=-1.0)
-  with pytest.raises(TypeError, match="compressor must be callable"):
-    cram(optax.sgd(0.1), 0.5, rho=0.1)
-  with pytest.raises(
-      ValueError, match="local_perturbation=True needs batch_axis_name"
-  ):
-    cram(
+  with pytest.raises(TypeError, match="grad_fn must be callable"):
+    tx.update(params, tx.init(params), params, grad_fn=3)
+  with pytest.raises(TypeError, match="state must be the CrAMState"):
+    tx.update(params, {"count": 0}, params, grad_fn=lambda p: p)
+  ints = {"k": jnp.ones((4, 4), jnp.int32)}
+  with pytest.raises(TypeError, match="params leaf 'k' has dtype int32"):
+    tx.update(ints, tx.init(ints), ints, grad_fn=lambda p: p)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (
+            dict(optimizer=optax.sgd),
+            TypeError,
+            r"did you mean optax.sgd\(...\)\?",
+        ),
+        (
+            dict(optimizer=0.1),
+            TypeError,
+            "optax.GradientTransformation, got 0.1",
+        ),
+        (
+            dict(compressor=compress.global_magnitude),
+            TypeError,
+            r"did you mean global_magnitude\(...\)",
+        ),
+        (dict(compressor=0.5), TypeError, "compressor must be callable"),
+        (dict(rho="0.05"), TypeError, "rho must be a real number, got '0.05'"),
+        (dict(rho=None), TypeError, "rho must be a real number, got None"),
+        (dict(rho=[0.05]), TypeError, "rho must be a real number"),
+        (dict(rho=True), TypeError, "rho must be a real number, got True"),
+        (dict(rho=-1.0), ValueError, "rho must be a finite non-negative"),
+        (dict(rho=float("nan")), ValueError, "got nan"),
+        (dict(rho=float("inf")), ValueError, "got inf"),
+        (
+            dict(rho=np.ones(2)),
+            ValueError,
+            r"rho must be a scalar, got shape \(2,\)",
+        ),
+        (dict(plus="no"), TypeError, "plus must be True or False"),
+        (dict(sparse_grad=1), TypeError, "sparse_grad must be True or False"),
+        (dict(key="abc"), TypeError, "key must be a PRNG key"),
+        (dict(key=True), TypeError, "got True"),
+        (dict(batch_axis_name=3), TypeError, "batch_axis_name must be an axis"),
+        (
+            dict(local_perturbation=True),
+            ValueError,
+            "local_perturbation=True needs batch_axis_name",
+        ),
+    ],
+)
+def test_bad_options_fail_at_construction(kwargs, error, match):
+  args = dict(
+      optimizer=optax.sgd(0.1),
+      compressor=compress.global_magnitude(0.5),
+      rho=0.1,
+  )
+  args.update(kwargs)
+  with pytest.raises(error, match=match):
+    cram(args.pop("optimizer"), args.pop("compressor"), **args)
+
+
+def _kernels(fn):
+  return lambda tree: {
+      name: {**layer, "kernel": fn(layer["kernel"])}
+      for name, layer in tree.items()
+  }
+
+
+def _mask_tree(fn):
+  def compressor(p, key):
+    return p, jax.tree.map(lambda x: fn(x) if x.ndim == 2 else None, p)
+
+  return compressor
+
+
+@pytest.mark.parametrize(
+    "grads,grad_fn,compressor,error,match",
+    [
+        # A (1, 8) gradient for a (4, 8) kernel used to broadcast silently.
+        (
+            _kernels(lambda k: k[:1]),
+            None,
+            None,
+            ValueError,
+            r"grads \(updates\) leaf 'dense1/kernel' has shape \(1, 8\), "
+            r"the params leaf has shape \(4, 8\)",
+        ),
+        (
+            None,
+            _kernels(lambda k: k[:1]),
+            None,
+            ValueError,
+            r"grad_fn\(compressed params\) leaf 'dense1/kernel' has shape "
+            r"\(1, 8\), the params leaf has shape \(4, 8\)",
+        ),
+        (
+            None,
+            _kernels(lambda k: k.T),
+            None,
+            ValueError,
+            r"leaf 'dense1/kernel' has shape \(8, 4\), the params leaf has "
+            r"shape \(4, 8\)",
+        ),
+        (
+            None,
+            lambda g: {"dense1": g["dense1"]},
+            None,
+            ValueError,
+            r"leaves missing from grad_fn\(compressed params\): "
+            r"\['dense2/bias', 'dense2/kernel'\]",
+        ),
+        (
+            None,
+            lambda g: jax.tree.map(lambda x: x.astype(jnp.int32), g),
+            None,
+            TypeError,
+            "leaf 'dense1/bias' has dtype int32, the params leaf has dtype "
+            "float32",
+        ),
+        (
+            None,
+            None,
+            lambda p, key: p,
+            TypeError,
+            r"compressor must return a pair \(compressed_params, masks\), "
+            "got a dict",
+        ),
+        (
+            None,
+            None,
+            _mask_tree(lambda x: jnp.ones((1, x.shape[1]), bool)),
+            ValueError,
+            r"compressor's masks leaf 'dense1/kernel' has shape \(1, 8\)",
+        ),
+        (
+            None,
+            None,
+            _mask_tree(lambda x: jnp.ones(x.shape)),
+            TypeError,
+            "compressor's masks leaf 'dense1/kernel' has dtype float32, not "
+            "bool",
+        ),
+    ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_trees_that_do_not_match_params_are_named(
+    grads, grad_fn, compressor, error, match, jit
+):
+  """Checked on static shapes: under jit, at trace time (eval_shape traces
+  without compiling or running anything)."""
+  params = jax.tree.map(jnp.asarray, mlp_params())
+  x, y = batches(1)[0]
+  clean_grad_fn = lambda p: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
+  tx = cram(
+      optax.sgd(0.1),
+      compressor or compress.global_magnitude(0.5),
+      rho=0.1,
+  )
+  bad_grad_fn = (
+      clean_grad_fn if grad_fn is None else lambda p: grad_fn(clean_grad_fn(p))
+  )
+
+  def step(p, state):
+    g = clean_grad_fn(p)
+    return tx.update(
+        g if grads is None else grads(g), state, p, grad_fn=bad_grad_fn
+    )
+
+  with pytest.raises(error, match=match):
+    if jit:
+      jax.eval_shape(step, params, tx.init(params))
+    else:
+      step(params, tx.init(params))
+
+
+def test_bad_schedule_values():
+  params = jax.tree.map(jnp.asarray, mlp_params())
+
+  def update(rho):
+    tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=rho)
+    return jax.eval_shape(  # trace time
+        lambda p: tx.update(p, tx.init(p), p, grad_fn=lambda q: q), params
+    )
+
+  with pytest.raises(ValueError, match="schedule's value\\) must be a finite"):
+    update(lambda count: -0.1)  # a Python number: known at trace time
+  with pytest.raises(TypeError, match="must be a real number, got 'a'"):
+    update(lambda count: "a")
+  with pytest.raises(ValueError, match=r"must be a scalar, got shape \(3,\)"):
+    update(lambda count: jnp.ones(3))
+
+
+def test_negative_rho_from_a_schedule_poisons_the_update():
+  """A traced rho < 0 cannot raise without a host sync every step: the update
+  is NaN instead of a silent step in the wrong direction."""
+  params = jax.tree.map(jnp.asarray, mlp_params())
+  x, y = batches(1)[0]
+  grad_fn = lambda p: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
+  for value, finite in ((-0.1, False), (float("nan"), False), (0.1, True)):
+    tx = cram(
         optax.sgd(0.1),
         compress.global_magnitude(0.5),
-        rho=0.1,
-        local_perturbation=True,
+        rho=lambda count, value=value: jnp.float32(value) + 0 * count,
     )
+    step = jax.jit(
+        lambda p, s, tx=tx: tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    )
+    updates, _ = step(params, tx.init(params))
+    # Every leaf whose compressed-point gradient is not masked away is NaN.
+    assert finite == all(np.isfinite(u).all() for u in jax.tree.leaves(updates))

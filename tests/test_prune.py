@@ -132,3 +132,132 @@ def test_mismatched_mask_trees_are_rejected():
   bad_shape["head"]["kernel"] = jnp.ones((10, 8), bool)
   with pytest.raises(ValueError, match="leaf 'head/kernel' has shape"):
     keep_pruned(optax.sgd(0.1), bad_shape).init(params)
+
+
+def _params_only(p, key=None):
+  return p
+
+
+@pytest.mark.parametrize(
+    "compressor,kwargs,error,match",
+    [
+        (0.9, {}, TypeError, "prune: compressor must be callable"),
+        (
+            compress.global_magnitude,
+            {},
+            TypeError,
+            r"prune: got the compressor factory global_magnitude itself; did "
+            r"you mean global_magnitude\(...\)",
+        ),
+        # Under prune's jit the level is traced: it used to be clamped to 0.7.
+        (
+            compress.global_magnitude([0.5, 0.7]),
+            dict(level=2),
+            ValueError,
+            r"level must index one of the 2 sparsities \(0 <= level < 2\), "
+            "got 2",
+        ),
+        (
+            compress.layerwise_magnitude([0.5, 0.7]),
+            dict(level=np.int64(-1)),
+            ValueError,
+            "got -1",
+        ),
+        (
+            compress.global_magnitude([0.5, 0.7]),
+            dict(level=1.0),
+            TypeError,
+            "level must be an int index, got 1.0",
+        ),
+        (
+            compress.n_of_m(2, 4),
+            dict(level=1),
+            TypeError,
+            r"compressor\(params, key, level=...\): got an unexpected keyword",
+        ),
+        (
+            compress.global_magnitude(0.5),
+            dict(key="abc"),
+            TypeError,
+            "prune: key must be a PRNG key",
+        ),
+        (
+            _params_only,
+            {},
+            TypeError,
+            r"prune: compressor must return a pair \(compressed_params, "
+            r"masks\), got a dict",
+        ),
+    ],
+)
+def test_prune_bad_arguments(compressor, kwargs, error, match):
+  with pytest.raises(error, match=match):
+    prune(params_tree(), compressor, **kwargs)
+
+
+def test_sparsity_report_select():
+  params = params_tree()
+  with pytest.raises(TypeError, match="use include='kernel'"):
+    sparsity_report(params, select="kernel")
+  _, masks = prune(params, compress.global_magnitude(0.5))
+  with pytest.raises(ValueError, match="pass masks= or select=, not both"):
+    sparsity_report(params, masks, select=compress.Selection())
+  report = sparsity_report(params, select=compress.Selection(include="head"))
+  assert [r.path for r in report.rows if r.prunable] == ["head/kernel"]
+  assert report.prunable_size == 80
+
+
+@pytest.mark.parametrize(
+    "optimizer,masks,error,match",
+    [
+        (
+            optax.adamw,
+            "ok",
+            TypeError,
+            r"keep_pruned: optimizer must be an optax.GradientTransformation, "
+            r"got the callable optax.adamw; did you mean optax.adamw\(...\)",
+        ),
+        (optax.sgd(0.1), None, ValueError, "keep_pruned: masks is None"),
+        (
+            optax.sgd(0.1),
+            "float",
+            TypeError,
+            "mask for leaf 'conv/kernel' must be a bool array or None",
+        ),
+    ],
+)
+def test_keep_pruned_bad_arguments(optimizer, masks, error, match):
+  _, good = prune(params_tree(), compress.global_magnitude(0.5))
+  if masks == "ok":
+    masks = good
+  elif masks == "float":
+    masks = jax.tree.map(
+        lambda m: None if m is None else m.astype(jnp.float32),
+        good,
+        is_leaf=lambda x: x is None,
+    )
+  with pytest.raises(error, match=match):
+    keep_pruned(optimizer, masks)
+
+
+def test_keep_pruned_update_checks_params_at_trace_time():
+  params = params_tree()
+  _, masks = prune(params, compress.global_magnitude(0.5))
+  tx = keep_pruned(optax.sgd(0.1), masks)
+  other = dict(params, head={"kernel": jnp.ones((8, 5)), "bias": jnp.ones(5)})
+  with pytest.raises(
+      ValueError,
+      match=r"the mask tree leaf 'head/kernel' has shape \(8, 10\), the "
+      r"params leaf has shape \(8, 5\)",
+  ):
+    jax.eval_shape(lambda p: tx.update(p, optax.sgd(0.1).init(p), p), other)
+  wrong_grads = dict(
+      params, head={"kernel": jnp.ones((1, 10)), "bias": jnp.ones(10)}
+  )
+  with pytest.raises(
+      ValueError,
+      match=r"grads \(updates\) leaf 'head/kernel' has shape \(1, 10\)",
+  ):
+    jax.eval_shape(
+        lambda g, p: tx.update(g, tx.init(p), p), wrong_grads, params
+    )

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cram_jax.compress import select as select_lib
+from cram_jax.compress import validate
 
 Params = Any
 Masks = Any
@@ -32,53 +33,58 @@ def map_masked(
     tree: Any,
     otherwise: Callable[[Any], Any] = lambda x: x,
 ) -> Any:
-  """``fn(mask, leaf)`` where a mask exists, ``otherwise(leaf)`` where it is None."""
-  return jax.tree.map(
-      lambda m, x: otherwise(x) if m is None else fn(m, x),
-      masks,
-      tree,
-      is_leaf=_is_none,
+  """``fn(mask, leaf)`` where a mask exists, ``otherwise(leaf)`` where it is None.
+
+  Leaves are paired by key path (see :func:`check_masks`); the result has the
+  structure of ``tree``.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  mask_leaves = jax.tree.leaves(masks, is_leaf=_is_none)
+  return jax.tree.unflatten(
+      treedef,
+      [
+          otherwise(x) if m is None else fn(m, x)
+          for m, x in zip(mask_leaves, leaves)
+      ],
   )
 
 
-def apply_masks(masks: Masks, tree: Any) -> Any:
-  """Zeroes the entries of ``tree`` where the mask is False (dtype kept)."""
+def apply_masks(masks: Masks, tree: Any, *, owner: str = "apply_masks") -> Any:
+  """Zeroes the entries of ``tree`` where the mask is False (dtype kept).
+
+  ``masks`` must fit ``tree`` exactly (see :func:`check_masks`): a mask that
+  merely broadcasts against its leaf is an error, not a silent broadcast.
+  """
+  masks = check_masks(tree, masks, owner=owner)
   return map_masked(
       lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), masks, tree
   )
 
 
-def check_masks(params: Params, masks: Masks, *, owner: str) -> None:
-  """Raises ValueError unless ``masks`` fits ``params`` leaf for leaf."""
-  p_paths = [
-      select_lib.path_str(p)
-      for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]
-  ]
-  m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)
-  m_paths = [select_lib.path_str(p) for p, _ in m_flat]
-  if p_paths != m_paths:
-    missing = sorted(set(p_paths) - set(m_paths))
-    extra = sorted(set(m_paths) - set(p_paths))
+def check_masks(
+    params: Params, masks: Masks, *, owner: str = "check_masks"
+) -> Masks:
+  """Raises unless ``masks`` fits ``params`` leaf for leaf; returns the masks.
+
+  Leaves are paired by key path. Every mask entry is None (leaf not
+  compressed) or a bool array of exactly the leaf's shape. ValueError for a
+  missing or extra leaf or a wrong shape, TypeError for a non-bool mask; the
+  message names the first offending leaf. Static shapes only: free under jit.
+  The masks are returned in the container types of ``params``.
+  """
+  if masks is None and jax.tree.leaves(params):
     raise ValueError(
-        f"{owner}: the mask tree does not match the params tree "
-        f"(leaves without a mask entry: {missing[:8]}; mask entries without a "
-        f"leaf: {extra[:8]}); use None for leaves that are not pruned"
+        f"{owner}: masks is None; pass the mask tree returned by the "
+        "compressor (None entries for leaves that are not pruned)"
     )
-  for (path, m), (_, x) in zip(
-      m_flat, jax.tree_util.tree_flatten_with_path(params)[0]
-  ):
-    if m is None:
-      continue
-    name = select_lib.path_str(path)
-    if jnp.shape(m) != jnp.shape(x):
-      raise ValueError(
-          f"{owner}: mask for leaf '{name}' has shape {jnp.shape(m)}, "
-          f"the leaf has shape {jnp.shape(x)}"
-      )
-    if jnp.result_type(m) != jnp.bool_:
-      raise TypeError(
-          f"{owner}: mask for leaf '{name}' has dtype {jnp.result_type(m)}, not bool"
-      )
+  return validate.check_same_tree(
+      params,
+      masks,
+      owner=owner,
+      other_name="the mask tree",
+      allow_none=True,
+      kind="bool",
+  )
 
 
 def masks_for(params: Params, leaf_masks: dict[str, jax.Array]) -> Masks:
@@ -93,37 +99,58 @@ def compress_with(
 ) -> tuple[Params, Masks]:
   """Applies ``{path: mask}`` to ``params``; returns ``(compressed, masks)``."""
   masks = masks_for(params, leaf_masks)
-  return apply_masks(masks, params), masks
+  return (
+      map_masked(
+          lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), masks, params
+      ),
+      masks,
+  )
 
 
 def check_sparsity(value: Any, owner: str) -> None:
-  """ValueError for a concrete sparsity outside [0, 1]; traced values pass."""
-  if isinstance(value, jax.core.Tracer):
-    return
-  arr = np.asarray(value, dtype=np.float64)
-  if arr.ndim != 0:
-    raise ValueError(
-        f"{owner}: sparsity must be a scalar, got shape {arr.shape}"
+  """A sparsity must be a real scalar in [0, 1].
+
+  Concrete values are checked here (ValueError/TypeError). A traced value gets
+  a run-time check (:func:`validate.check_traced_range`): out of range or NaN
+  raises when the compiled function runs, instead of being clipped.
+  """
+  value = validate.check_real(value, "sparsity", owner)
+  if validate.is_traced(value):
+    validate.check_traced_range(
+        value, 0.0, 1.0, f"{owner}: sparsity must be in [0, 1], got "
     )
-  if not 0.0 <= float(arr) <= 1.0:  # NaN fails too
-    raise ValueError(f"{owner}: sparsity must be in [0, 1], got {float(arr)!r}")
+  elif not 0.0 <= value <= 1.0:  # NaN fails too
+    raise ValueError(f"{owner}: sparsity must be in [0, 1], got {value!r}")
 
 
 def as_levels(sparsity: Any, owner: str) -> tuple[Any, ...]:
-  """A sparsity or a sequence of them (sampled uniformly per call) -> tuple of levels."""
+  """A sparsity or a sequence of them (sampled uniformly per call) -> tuple of levels.
+
+  A sequence is a list, a tuple or a 1-D array (NumPy or JAX, concrete or
+  traced).
+  """
   if isinstance(sparsity, (list, tuple)):
-    if not sparsity:
-      raise ValueError(f"{owner}: the list of sparsity levels is empty")
     levels = tuple(sparsity)
+  elif isinstance(sparsity, (np.ndarray, jax.Array)) and np.ndim(sparsity) == 1:
+    levels = tuple(sparsity[i] for i in range(sparsity.shape[0]))
+  elif np.ndim(sparsity) > 1 and hasattr(sparsity, "shape"):
+    raise ValueError(
+        f"{owner}: sparsity must be a number or a 1-D sequence of levels, got "
+        f"an array of shape {np.shape(sparsity)}"
+    )
   else:
     levels = (sparsity,)
+  if not levels:
+    raise ValueError(f"{owner}: the list of sparsity levels is empty")
   for s in levels:
     check_sparsity(s, owner)
   return levels
 
 
 def sample_index(key: Any, n: int, owner: str) -> jax.Array:
-  """Uniform index in [0, n); n == 1 needs no key."""
+  """Uniform index in [0, n); n == 1 needs no key (a given one is still checked)."""
+  if key is not None:
+    key = as_key(key, owner)
   if n == 1:
     return jnp.zeros((), jnp.int32)
   if key is None:
@@ -131,23 +158,15 @@ def sample_index(key: Any, n: int, owner: str) -> jax.Array:
         f"{owner}: samples one of {n} levels per call and needs a PRNG key "
         "(compressor(params, key))"
     )
-  return jax.random.randint(as_key(key), (), 0, n, dtype=jnp.int32)
+  return jax.random.randint(key, (), 0, n, dtype=jnp.int32)
 
 
-def as_key(key: Any) -> jax.Array:
+def as_key(key: Any, owner: str = "as_key") -> jax.Array:
   """Accepts a typed key, raw uint32 key data, or an int seed; returns a typed key."""
-  if isinstance(key, int):
-    return jax.random.key(key)
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return key
-  if key.dtype == jnp.uint32:
-    return jax.random.wrap_key_data(key)
-  raise TypeError(
-      f"expected a PRNG key or an int seed, got an array of dtype {key.dtype}"
-  )
+  return validate.as_key(key, owner)
 
 
+@validate.factory
 def random_choice(
     compressors: Sequence[Compressor],
     probabilities: Sequence[float] | None = None,
@@ -163,31 +182,55 @@ def random_choice(
     compressors: the candidates; each ``(params, key) -> (compressed, masks)``.
     probabilities: optional weights summing to 1; uniform by default.
   """
+  owner = "random_choice"
+  if callable(compressors) or not isinstance(
+      compressors, (list, tuple, np.ndarray)
+  ):
+    raise TypeError(
+        f"{owner}: compressors must be a list of compressors, got "
+        f"{validate.short(compressors)}; e.g. random_choice([n_of_m(2, 4), "
+        "n_of_m(4, 8)])"
+    )
   compressors = tuple(compressors)
   if not compressors:
-    raise ValueError("random_choice: needs at least one compressor")
+    raise ValueError(f"{owner}: needs at least one compressor")
   for i, c in enumerate(compressors):
-    if not callable(c):
-      raise TypeError(f"random_choice: compressors[{i}] is not callable: {c!r}")
+    validate.check_compressor(c, f"{owner}: compressors[{i}]")
   if probabilities is not None:
-    probabilities = np.asarray(probabilities, np.float64)
+    if not isinstance(probabilities, (list, tuple, np.ndarray, jax.Array)):
+      raise TypeError(
+          f"{owner}: probabilities must be a list of numbers, got "
+          f"{validate.short(probabilities)}"
+      )
+    probabilities = np.asarray(
+        [
+            validate.check_real(p, f"probabilities[{i}]", owner)
+            for i, p in enumerate(probabilities)
+        ],
+        np.float64,
+    )
     if (
         probabilities.shape != (len(compressors),)
-        or np.any(probabilities < 0)
+        or not np.all(probabilities >= 0)  # NaN fails too
         or not np.isclose(probabilities.sum(), 1.0)
     ):
       raise ValueError(
-          f"random_choice: probabilities must be {len(compressors)} non-negative "
+          f"{owner}: probabilities must be {len(compressors)} non-negative "
           f"numbers summing to 1, got {probabilities.tolist()}"
       )
 
   def compress(params: Params, key: Any = None) -> tuple[Params, Masks]:
     if key is None:
-      raise ValueError(
-          "random_choice: needs a PRNG key (compressor(params, key))"
+      raise ValueError(f"{owner}: needs a PRNG key (compressor(params, key))")
+    choice_key, level_key = jax.random.split(as_key(key, owner))
+    shapes = []
+    for i, c in enumerate(compressors):
+      out = jax.eval_shape(c, params, level_key)
+      shapes.append(
+          validate.check_compressor_output(
+              out, params, owner=owner, name=f"compressors[{i}]"
+          )[1]
       )
-    choice_key, level_key = jax.random.split(as_key(key))
-    shapes = [jax.eval_shape(c, params, level_key)[1] for c in compressors]
     has_mask = [
         jax.tree.map(lambda m: m is not None, s, is_leaf=_is_none)
         for s in shapes
@@ -197,6 +240,7 @@ def random_choice(
     def branch(c):
       def run(p, k):
         out, masks = c(p, k)
+        masks = check_masks(p, masks, owner=owner)
         masks = jax.tree.map(
             lambda u, m, x: (jnp.ones(jnp.shape(x), bool) if m is None else m)
             if u

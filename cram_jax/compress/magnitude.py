@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cram_jax.compress import base
+from cram_jax.compress import base, validate
 from cram_jax.compress import select as select_lib
 
 
@@ -183,9 +183,10 @@ def kept_count(sparsity: Any, size: int) -> Any:
 
   A traced sparsity is evaluated in float32, exact while ``size < 2**24``
   (beyond that the count may be off by one: the sparsity itself is a float32).
+  Its range is checked at run time by :func:`base.check_sparsity`.
   """
   if isinstance(sparsity, jax.core.Tracer):
-    s = jnp.clip(jnp.asarray(sparsity, jnp.float32), 0.0, 1.0)
+    s = jnp.asarray(sparsity, jnp.float32)
     return jnp.round((1.0 - s) * size).astype(jnp.int32)
   return int(round((1.0 - float(sparsity)) * size))
 
@@ -197,24 +198,73 @@ def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
   return jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])
 
 
+def check_level(level: Any, num_levels: int, owner: str) -> None:
+  """Checks ``level``, an index into the ``num_levels`` sparsities.
+
+  A concrete level (a Python or NumPy int, a concrete integer array) out of
+  range is a ValueError here, before any tracing. A traced level is checked
+  for dtype and shape at trace time and for its range at run time: out of
+  range raises when the compiled function runs (a ``JaxRuntimeError`` carrying
+  the message; see :func:`validate.check_traced_range`), never a clamp.
+  """
+  message = (
+      f"{owner}: level must index one of the {num_levels} sparsities "
+      f"(0 <= level < {num_levels}), got "
+  )
+  dtype = validate.dtype_of(level)
+  if (
+      dtype is None
+      or dtype == np.bool_
+      or not jnp.issubdtype(dtype, jnp.integer)
+  ):
+    raise TypeError(
+        f"{owner}: level must be an int index, got {validate.short(level)}"
+        + ("" if dtype is None else f" (dtype {dtype})")
+    )
+  if np.ndim(level) != 0:
+    raise ValueError(
+        f"{owner}: level must be a scalar index, got shape {np.shape(level)}"
+    )
+  if validate.is_traced(level):
+    validate.check_traced_range(level, 0, num_levels - 1, message)
+  elif not 0 <= int(level) < num_levels:
+    raise ValueError(f"{message}{int(level)}")
+
+
 def _level_index(key: Any, level: Any, num_levels: int, owner: str) -> Any:
   """``level`` when given (a sweep over the levels, one compilation), else sampled."""
   if level is None:
     return base.sample_index(key, num_levels, owner)
-  if (
-      not isinstance(level, jax.core.Tracer)
-      and not 0 <= int(level) < num_levels
-  ):
-    raise ValueError(
-        f"{owner}: level must index one of the {num_levels} sparsities, got {level}"
-    )
+  if key is not None:
+    base.as_key(key, owner)
+  check_level(level, num_levels, owner)
   return jnp.asarray(level, jnp.int32)
+
+
+def _attach_checks(compress: Any, levels: tuple[Any, ...], owner: str) -> None:
+  """``compress.levels`` and ``compress.check_call(key=None, *, level=None)``.
+
+  :func:`cram_jax.prune` calls ``check_call`` with the concrete arguments
+  before it jit-compiles the compressor, where ``level`` would be traced.
+  """
+
+  def check_call(key: Any = None, *, level: Any = None) -> None:
+    if key is not None:
+      base.as_key(key, owner)
+    if level is not None:
+      check_level(level, len(levels), owner)
+    elif len(levels) > 1 and key is None:
+      base.sample_index(key, len(levels), owner)  # raises: a key is needed
+
+  compress.levels = levels
+  compress.check_call = check_call
 
 
 def _pick(counts: Any, index: jax.Array) -> Any:
   return counts if jnp.ndim(counts) == 0 else counts[index]
 
 
+@validate.factory
 def global_magnitude(
     sparsity: float | Sequence[float] | jax.Array,
     *,
@@ -237,7 +287,11 @@ def global_magnitude(
   Returns:
     ``compress(params, key=None, *, level=None) -> (compressed_params, masks)``;
     ``level`` picks ``sparsity[level]`` instead of sampling (it may be traced, so
-    one compiled function sweeps every level with exact counts).
+    one compiled function sweeps every level with exact counts). A concrete
+    ``level`` out of range is a ValueError at once; a traced one is checked
+    when the compiled function runs and raises there (a ``JaxRuntimeError``
+    with the same message), never clamped: see :func:`check_level`.
+    ``compress.levels`` is the tuple of sparsities.
 
   Example::
 
@@ -245,7 +299,7 @@ def global_magnitude(
     sparse, masks = compress(params, jax.random.key(0))   # a sampled level
     sparse, masks = jax.jit(compress)(params, level=2)     # 90%
   """
-  owner = f"global_magnitude({sparsity!r})"
+  owner = f"global_magnitude({validate.short(sparsity)})"
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
@@ -265,9 +319,11 @@ def global_magnitude(
         params, {name: m for (name, _), m in zip(chosen, masks)}
     )
 
+  _attach_checks(compress, levels, owner)
   return compress
 
 
+@validate.factory
 def layerwise_magnitude(
     sparsity: float | Sequence[float] | jax.Array,
     *,
@@ -281,7 +337,7 @@ def layerwise_magnitude(
   magnitude (ties: lower flat index). One level is sampled per call for all
   leaves when ``sparsity`` is a sequence. Arguments as :func:`global_magnitude`.
   """
-  owner = f"layerwise_magnitude({sparsity!r})"
+  owner = f"layerwise_magnitude({validate.short(sparsity)})"
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
@@ -305,4 +361,5 @@ def layerwise_magnitude(
         params, {name: m for (name, _), m in zip(chosen, masks)}
     )
 
+  _attach_checks(compress, levels, owner)
   return compress

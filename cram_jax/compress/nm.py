@@ -18,18 +18,45 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cram_jax.compress import base
+from cram_jax.compress import base, validate
 from cram_jax.compress import select as select_lib
 
 _POLICIES = ("error", "skip")
 
 
+def _check_nm(n: Any, m: Any, owner: str) -> None:
+  for name, v in (("n", n), ("m", m)):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+      raise TypeError(f"{owner}: {name} must be an int, got {v!r}")
+  if m < 1 or n < 1 or n > m:
+    raise ValueError(f"{owner}: needs 1 <= n <= m, got n={n}, m={m}")
+
+
 def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   """Boolean mask keeping the n largest ``|x|`` of every m along ``axis``.
 
-  ``x.shape[axis]`` must be a multiple of m (checked by :func:`n_of_m`).
+  Needs ints ``1 <= n <= m``, an int ``axis`` of ``x`` and ``x.shape[axis]`` a
+  multiple of m; anything else is a TypeError/ValueError.
   """
+  owner = f"nm_mask(n={n!r}, m={m!r})"
+  _check_nm(n, m, owner)
+  dtype = validate.dtype_of(x)
+  if dtype is None or not (
+      jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  ):
+    raise TypeError(
+        f"{owner}: x must be a real-valued array, got {validate.short(x)}"
+    )
+  shape = jnp.shape(x)
+  axis = validate.check_axis(axis, len(shape), owner, f"x of shape {shape}")
+  if shape[axis] % m:
+    raise ValueError(
+        f"{owner}: x of shape {shape} has {shape[axis]} entries along axis "
+        f"{axis}, not a multiple of {m}"
+    )
+  n, m = int(n), int(m)
   moved = jnp.moveaxis(jnp.abs(x), axis, -1)
   blocks = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
   mine = blocks[..., :, None]  # weight i of the block
@@ -41,6 +68,7 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   return jnp.moveaxis(keep, -1, axis)
 
 
+@validate.factory
 def n_of_m(
     n: int,
     m: int,
@@ -66,19 +94,18 @@ def n_of_m(
     ``compress(params, key=None) -> (compressed_params, masks)``.
   """
   owner = f"n_of_m({n!r}, {m!r})"
-  for name, v in (("n", n), ("m", m)):
-    if isinstance(v, bool) or not isinstance(v, int):
-      raise TypeError(f"{owner}: {name} must be an int, got {v!r}")
-  if m < 1 or n < 1 or n > m:
-    raise ValueError(f"{owner}: needs 1 <= n <= m, got n={n}, m={m}")
-  if on_indivisible not in _POLICIES:
+  _check_nm(n, m, owner)
+  n, m = int(n), int(m)
+  axis = validate.check_int(axis, "axis", owner)
+  if not isinstance(on_indivisible, str) or on_indivisible not in _POLICIES:
     raise ValueError(
         f"{owner}: on_indivisible must be one of {_POLICIES}, got {on_indivisible!r}"
     )
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
   def compress(params: Any, key: Any = None) -> tuple[Any, Any]:
-    del key  # deterministic
+    if key is not None:  # deterministic: the key is only checked
+      base.as_key(key, owner)
     leaf_masks = {}
     for name, x in select_lib.selected(params, rule, owner=owner):
       shape = jnp.shape(x)

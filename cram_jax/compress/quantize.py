@@ -13,14 +13,38 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cram_jax.compress import base
+from cram_jax.compress import base, validate
 from cram_jax.compress import select as select_lib
+
+_MIN_BITS, _MAX_BITS = 2, 16
+
+
+def _check_bits(bits: Any, owner: str) -> int:
+  # 1 bit has no symmetric grid (2**0 - 1 = 0 levels: NaN); past 16 the grid
+  # is finer than float32 needs.
+  return validate.check_int(
+      bits, "bits", owner, minimum=_MIN_BITS, maximum=_MAX_BITS
+  )
 
 
 def fake_quantize(x: jax.Array, bits: int, axis: int = -1) -> jax.Array:
-  """Rounds ``x`` to a symmetric ``bits``-bit grid, one scale per index of ``axis``."""
+  """Rounds ``x`` to a symmetric ``bits``-bit grid, one scale per index of ``axis``.
+
+  Needs a floating-point ``x`` with at least one dimension, an int ``bits`` in
+  [2, 16] and an int ``axis`` of ``x``; anything else is a TypeError/ValueError.
+  """
+  owner = f"fake_quantize(bits={bits!r})"
+  bits = _check_bits(bits, owner)
+  dtype = validate.dtype_of(x)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{owner}: x must be a floating-point array, got {validate.short(x)}"
+        + ("" if dtype is None else f" of dtype {dtype}")
+    )
+  x = jnp.asarray(x)
+  axis = validate.check_axis(axis, x.ndim, owner, f"x of shape {x.shape}")
   levels = 2 ** (bits - 1) - 1
-  reduce_axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
+  reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
   peak = jnp.max(jnp.abs(x), axis=reduce_axes, keepdims=True)
   scale = jnp.where(
       peak > 0, peak / levels, jnp.ones((), x.dtype)
@@ -30,6 +54,7 @@ def fake_quantize(x: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   )
 
 
+@validate.factory
 def quantize(
     bits: int,
     *,
@@ -50,14 +75,13 @@ def quantize(
     ``compress(params, key=None) -> (quantised_params, masks)`` with all-True masks.
   """
   owner = f"quantize({bits!r})"
-  if isinstance(bits, bool) or not isinstance(bits, int):
-    raise TypeError(f"{owner}: bits must be an int, got {bits!r}")
-  if not 2 <= bits <= 16:
-    raise ValueError(f"{owner}: bits must be in [2, 16], got {bits}")
+  bits = _check_bits(bits, owner)
+  axis = validate.check_int(axis, "axis", owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
   def compress(params: Any, key: Any = None) -> tuple[Any, Any]:
-    del key
+    if key is not None:  # deterministic: the key is only checked
+      base.as_key(key, owner)
     chosen = dict(select_lib.selected(params, rule, owner=owner))
     for name, x in chosen.items():
       if not -x.ndim <= axis < x.ndim:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Patterns = str | Sequence[str] | None
 
@@ -45,10 +46,23 @@ def _as_patterns(
 ) -> tuple[re.Pattern[str], ...]:
   if patterns is None:
     return ()
-  if isinstance(patterns, str):
+  if isinstance(patterns, (str, re.Pattern)):
     patterns = (patterns,)
+  elif not isinstance(patterns, (list, tuple)):
+    raise TypeError(
+        f"Selection: {option} must be a regex string or a list of them, got "
+        f"{patterns!r}"
+    )
+  if not patterns:
+    raise ValueError(
+        f"Selection: {option} is an empty list; use None for "
+        + ("every leaf" if option == "include" else "no exclusion")
+    )
   compiled = []
   for p in patterns:
+    if isinstance(p, re.Pattern) and isinstance(p.pattern, str):
+      compiled.append(p)
+      continue
     if not isinstance(p, str):
       raise TypeError(
           f"Selection: {option} patterns must be strings, got {p!r}"
@@ -89,7 +103,11 @@ class Selection:
   def __post_init__(self):
     object.__setattr__(self, "_include", _as_patterns(self.include, "include"))
     object.__setattr__(self, "_exclude", _as_patterns(self.exclude, "exclude"))
-    if not isinstance(self.min_ndim, int) or self.min_ndim < 0:
+    if isinstance(self.min_ndim, bool) or not isinstance(self.min_ndim, int):
+      raise TypeError(
+          f"Selection: min_ndim must be an int, got {self.min_ndim!r}"
+      )
+    if self.min_ndim < 0:
       raise ValueError(
           f"Selection: min_ndim must be a non-negative int, got {self.min_ndim!r}"
       )
@@ -130,12 +148,42 @@ def resolve(
     )
   if select is None:
     return Selection(include=include, exclude=exclude)
-  if not callable(select):
-    raise TypeError(
-        f"{owner}: select must be a Selection or a callable (path, leaf) -> bool, "
-        f"got {select!r}"
-    )
+  check_selector(select, owner)
   return select
+
+
+def check_selector(select: Any, owner: str) -> None:
+  """TypeError unless ``select`` is a Selection or ``(path, leaf) -> bool``."""
+  if not callable(select):
+    hint = (
+        f"; for a path pattern use include={select!r} or "
+        f"Selection(include={select!r})"
+        if isinstance(select, str)
+        else ""
+    )
+    raise TypeError(
+        f"{owner}: select must be a Selection or a callable (path, leaf) -> "
+        f"bool, got {select!r}{hint}"
+    )
+
+
+def _decide(select: Selector, name: str, leaf: Any, owner: str) -> bool:
+  """``select(name, leaf)``, which must answer a bool known at trace time
+  (it decides from static paths, shapes and dtypes, never from values)."""
+  answer = select(name, leaf)
+  if (
+      isinstance(answer, (np.ndarray, jax.Array))
+      and not isinstance(answer, jax.core.Tracer)
+      and answer.shape == ()
+      and answer.dtype == np.bool_
+  ):
+    answer = bool(answer)
+  if not isinstance(answer, (bool, np.bool_)):
+    raise TypeError(
+        f"{owner}: select({name!r}, leaf) must return True or False, got "
+        f"{answer!r}"
+    )
+  return bool(answer)
 
 
 def selected(
@@ -150,7 +198,7 @@ def selected(
   chosen = []
   for path, leaf in leaves:
     name = path_str(path)
-    if select(name, leaf):
+    if _decide(select, name, leaf, owner):
       if not is_float(leaf):
         raise TypeError(
             f"{owner}: leaf '{name}' is selected but has dtype "
@@ -166,8 +214,11 @@ def selected(
   return chosen
 
 
-def selection_tree(params: Any, select: Selector = DEFAULT):
+def selection_tree(
+    params: Any, select: Selector = DEFAULT, *, owner: str = "selection_tree"
+):
   """A tree of Python bools, True where ``select`` picks the leaf."""
+  check_selector(select, owner)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: bool(select(path_str(p), x)), params
+      lambda p, x: _decide(select, path_str(p), x, owner), params
   )
