@@ -25,7 +25,14 @@ Patterns = str | Sequence[str] | None
 
 
 def path_str(path: tuple[Any, ...]) -> str:
-  """Writes a JAX key path as ``'a/b/0/kernel'``."""
+  """Writes a JAX key path as ``'a/b/0/kernel'``.
+
+  The trailing ``.value`` of a ``flax.nnx`` Variable is dropped, so that
+  ``nnx.state(model)`` and its ``nnx.as_pure`` version (what ``nnx.Optimizer``
+  passes to ``init`` and to ``update``) have the same, Linen-style paths.
+  """
+  if path and path[-1] == jax.tree_util.GetAttrKey("value"):
+    path = path[:-1]
   parts = []
   for entry in path:
     if isinstance(entry, jax.tree_util.DictKey):
