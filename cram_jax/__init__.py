@@ -1,9 +1,11 @@
 """cram_jax: Compression-Aware Minimization (CrAM) for JAX and Optax.
 
 Train with :func:`cram`, prune once with :func:`prune`, re-estimate BatchNorm
-statistics with :func:`recalibrate_batch_stats`.
+statistics with :func:`recalibrate_batch_stats`. Flax NNX models: see
+:mod:`cram_jax.nnx` and :func:`cram_jax.models.as_nnx`.
 """
 
+from cram_jax import nnx
 from cram_jax.batchnorm import (
     calibration_batches,
     recalibrate_batch_stats,
@@ -47,6 +49,7 @@ __all__ = [
     "layerwise_magnitude",
     "n_of_m",
     "nm_mask",
+    "nnx",
     "prune",
     "quantize",
     "random_choice",

@@ -17,14 +17,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from flax.nnx import bridge
 
 from cram_jax.compress import select as select_lib
 from cram_jax.compress import validate
 
 
 def reset_batch_stats(batch_stats: Any) -> Any:
-  """Means to 0, variances to 1 (leaves named ``mean`` / ``var``, as Flax names them)."""
+  """Means to 0, variances to 1 (leaves named ``mean`` / ``var``, as Flax names them).
+
+  Args:
+    batch_stats: Linen ``variables['batch_stats']``, or an NNX
+      ``nnx.state(model, nnx.BatchStat)`` (pure or not), or an ``nnx.Module``.
+
+  Returns:
+    The reset tree, of the same structure; for an ``nnx.Module``, the same
+    module with its ``BatchStat`` variables reset in place.
+  """
   owner = "reset_batch_stats"
+  if isinstance(batch_stats, nnx.Module):
+    module = batch_stats
+    nnx.update(module, reset_batch_stats(nnx.state(module, nnx.BatchStat)))
+    return module
   if isinstance(batch_stats, Mapping) and "batch_stats" in batch_stats:
     raise ValueError(
         f"{owner}: got a variables dict with a 'batch_stats' collection; pass "
@@ -56,33 +71,55 @@ def reset_batch_stats(batch_stats: Any) -> Any:
 
 
 def recalibrate_batch_stats(
-    model: nn.Module,
-    variables: Mapping[str, Any],
-    batches: Iterable[Any],
+    model: nn.Module | nnx.Module,
+    variables: Mapping[str, Any] | Iterable[Any] | None = None,
+    batches: Iterable[Any] | None = None,
     *,
     reset: bool = True,
     apply_kwargs: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-  """Re-estimates ``batch_stats`` of a Linen model; parameters are untouched.
+) -> Any:
+  """Re-estimates the BatchNorm statistics of a Linen or NNX model.
 
-  Each batch runs ``model.apply(variables, batch, **apply_kwargs,
-  mutable=['batch_stats'])`` (one jit-compiled step); only the new running
-  statistics are kept. With the model's BatchNorm ``momentum=0.9`` this is the
-  paper's EMA with momentum 0.1.
+  Parameters are untouched. Linen: each batch runs ``model.apply(variables,
+  batch, **apply_kwargs, mutable=['batch_stats'])`` (one jit-compiled step);
+  only the new running statistics are kept. NNX: ``recalibrate_batch_stats(
+  model, batches)`` runs ``model(batch, **apply_kwargs)`` with every BatchNorm
+  in train mode (``use_running_average=False``), one jit-compiled step per
+  batch, and writes the new statistics (and RNG counts) into ``model`` in
+  place. With BatchNorm ``momentum=0.9`` this is the paper's EMA with momentum
+  0.1.
 
   Args:
-    model: a Linen module with BatchNorm layers.
-    variables: ``{'params': ..., 'batch_stats': ..., ...}``.
+    model: a Linen module with BatchNorm layers, or an ``nnx.Module`` with
+      ``nnx.BatchStat`` variables (native, or a zoo model from ``as_nnx``).
+    variables: Linen only: ``{'params': ..., 'batch_stats': ..., ...}``. For
+      an NNX model, which holds its variables, the second positional argument
+      is ``batches``.
     batches: model inputs; an array per batch, or a tuple of positional inputs.
       The paper uses 100 batches of 128 from 1000 training images, see
       :func:`calibration_batches`.
     reset: start from mean 0 / variance 1 (the recipe) instead of the old values.
-    apply_kwargs: keyword arguments selecting train mode; default ``{'train': True}``.
+    apply_kwargs: keyword arguments of each call. Default ``{'train': True}``
+      for a Linen model and for an ``nnx.bridge.ToNNX`` model (``as_nnx``),
+      ``{}`` for a native NNX model (train mode is set on its BatchNorm layers).
 
   Returns:
-    A new variables dict with re-estimated ``batch_stats``.
+    Linen: a new variables dict with re-estimated ``batch_stats``. NNX:
+    ``model`` itself, updated in place (returned for convenience).
   """
   owner = "recalibrate_batch_stats"
+  if isinstance(model, nnx.Module):
+    if variables is not None and batches is not None:
+      raise TypeError(
+          f"{owner}: an NNX model holds its own variables; call "
+          "recalibrate_batch_stats(model, batches)"
+      )
+    return _recalibrate_nnx(
+        model,
+        batches if batches is not None else variables,
+        reset=reset,
+        apply_kwargs=apply_kwargs,
+    )
   if not isinstance(model, nn.Module):
     raise TypeError(
         f"{owner}: model must be a flax.linen Module, got {validate.short(model)}"
@@ -103,19 +140,7 @@ def recalibrate_batch_stats(
         f"{validate.short(apply_kwargs)}"
     )
   validate.check_bool(reset, "reset", owner)
-  if isinstance(batches, (np.ndarray, jax.Array)) or not isinstance(
-      batches, Iterable
-  ):
-    shape = getattr(batches, "shape", None)
-    raise TypeError(
-        f"{owner}: batches must be an iterable of batches, got "
-        + (
-            f"a single array of shape {shape}; wrap it, [images], or draw "
-            "batches with calibration_batches(images)"
-            if shape is not None
-            else validate.short(batches)
-        )
-    )
+  _check_batches(batches, owner)
   kwargs = dict(apply_kwargs if apply_kwargs is not None else {"train": True})
   frozen = {k: v for k, v in variables.items() if k != "batch_stats"}
   stats = variables["batch_stats"]
@@ -125,13 +150,7 @@ def recalibrate_batch_stats(
   step, expected = _recalibration_step(model, _hashable(kwargs, owner))
   count = 0
   for batch in batches:
-    if isinstance(batch, Mapping):
-      raise TypeError(
-          f"{owner}: batches must be model inputs (an array or a "
-          "tuple of positional inputs), got a mapping with keys "
-          f"{sorted(batch)}; map it first, e.g. (b['image'] for b in batches)"
-      )
-    inputs = tuple(batch) if isinstance(batch, tuple) else (batch,)
+    inputs = _inputs(batch, owner)
     if count == 0:
       # Static shapes only: the model's own batch_stats, traced, not run.
       stats = validate.check_same_tree(
@@ -146,6 +165,101 @@ def recalibrate_batch_stats(
   if count == 0:
     raise ValueError(f"{owner}: batches is empty")
   return {**frozen, "batch_stats": stats}
+
+
+def _check_batches(batches: Any, owner: str) -> None:
+  if isinstance(batches, (np.ndarray, jax.Array)) or not isinstance(
+      batches, Iterable
+  ):
+    shape = getattr(batches, "shape", None)
+    raise TypeError(
+        f"{owner}: batches must be an iterable of batches, got "
+        + (
+            f"a single array of shape {shape}; wrap it, [images], or draw "
+            "batches with calibration_batches(images)"
+            if shape is not None
+            else validate.short(batches)
+        )
+    )
+
+
+def _inputs(batch: Any, owner: str) -> tuple[Any, ...]:
+  if isinstance(batch, Mapping):
+    raise TypeError(
+        f"{owner}: batches must be model inputs (an array or a "
+        "tuple of positional inputs), got a mapping with keys "
+        f"{sorted(batch)}; map it first, e.g. (b['image'] for b in batches)"
+    )
+  return tuple(batch) if isinstance(batch, tuple) else (batch,)
+
+
+def _recalibrate_nnx(
+    model: nnx.Module,
+    batches: Any,
+    *,
+    reset: bool,
+    apply_kwargs: Mapping[str, Any] | None,
+) -> nnx.Module:
+  """The NNX path of :func:`recalibrate_batch_stats`: in place, returns model."""
+  owner = "recalibrate_batch_stats"
+  if isinstance(batches, Mapping):
+    raise TypeError(
+        f"{owner}: an NNX model holds its own variables; call "
+        "recalibrate_batch_stats(model, batches), got a mapping with keys "
+        f"{sorted(batches)} as batches"
+    )
+  if batches is None:
+    raise TypeError(
+        f"{owner}: batches is missing; call recalibrate_batch_stats(model, "
+        "batches)"
+    )
+  if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
+    raise TypeError(
+        f"{owner}: apply_kwargs must be a mapping of keyword arguments, got "
+        f"{validate.short(apply_kwargs)}"
+    )
+  validate.check_bool(reset, "reset", owner)
+  _check_batches(batches, owner)
+  if not jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
+    raise ValueError(
+        f"{owner}: the NNX model {type(model).__name__} has no nnx.BatchStat "
+        "variables (no BatchNorm layer, or a bridged model not yet initialised)"
+    )
+  if isinstance(model, bridge.ToNNX):
+    # Linen inside: train mode is a call argument, as in the Linen path.
+    view = model
+    default_kwargs = {"train": True}
+  else:
+    # Shares the variables of `model`, with every BatchNorm in train mode.
+    view = nnx.view(model, use_running_average=False, raise_if_not_found=False)
+    default_kwargs = {}
+  kwargs = _hashable(
+      dict(apply_kwargs if apply_kwargs is not None else default_kwargs), owner
+  )
+  graphdef, params, stats, other = nnx.split(
+      view, nnx.Param, nnx.BatchStat, ...
+  )
+  params, stats, other = nnx.as_pure((params, stats, other))
+  if reset:
+    stats = reset_batch_stats(stats)
+  count = 0
+  for batch in batches:
+    stats, other = _nnx_recalibration_step(
+        graphdef, kwargs, params, stats, other, _inputs(batch, owner)
+    )
+    count += 1
+  if count == 0:
+    raise ValueError(f"{owner}: batches is empty")
+  nnx.update(model, stats, other)
+  return model
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _nnx_recalibration_step(graphdef, kwargs, params, stats, other, inputs):
+  copy = nnx.merge(graphdef, params, stats, other)
+  copy(*inputs, **dict(kwargs))
+  _, _, stats, other = nnx.split(copy, nnx.Param, nnx.BatchStat, ...)
+  return nnx.as_pure(stats), nnx.as_pure(other)
 
 
 def _hashable(

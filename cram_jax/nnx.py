@@ -29,23 +29,6 @@ from flax import nnx
 from cram_jax.compress import validate
 
 
-def params(model: nnx.Module, wrt: Any = nnx.Param) -> nnx.State:
-  """The pure parameter state of ``model``, as ``nnx.Optimizer`` sees it.
-
-  ``nnx.as_pure(nnx.state(model, wrt))``: a ``State`` of plain arrays whose key
-  paths are the Linen-style ``'a/b/kernel'`` (no trailing ``/value``), so
-  :class:`Selection` regexes and :func:`prune` masks fit the trees that
-  ``nnx.Optimizer`` hands to the optax transformation (e.g.
-  :func:`keep_pruned`). Write pruned values back with ``nnx.update(model, p)``.
-  """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(
-        "cram_jax.nnx.params: model must be an nnx.Module, got "
-        f"{validate.short(model)}"
-    )
-  return nnx.as_pure(nnx.state(model, wrt))
-
-
 def grad_fn(
     loss_fn: Callable[..., Any],
     model: nnx.Module,

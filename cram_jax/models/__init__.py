@@ -23,6 +23,7 @@ from cram_jax.models.convert import (
     load_bert,
     save_bert,
 )
+from cram_jax.models.nnx_bridge import LinenModule, as_nnx
 from cram_jax.models.resnet import (
     RESNET_PRUNABLE,
     RESNET_UNIFORM,
@@ -53,6 +54,7 @@ __all__ = [
     "BertOutput",
     "Bottleneck",
     "CifarResNet18",
+    "LinenModule",
     "PRETRAINING_HEADS",
     "RESNET_PRUNABLE",
     "RESNET_UNIFORM",
@@ -68,6 +70,7 @@ __all__ = [
     "ResNet50",
     "ResNet56",
     "ResNet8",
+    "as_nnx",
     "bert_abstract_params",
     "export_bert",
     "export_torchvision_resnet",
