@@ -5,12 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from cram_jax import (
-    calibration_batches,
-    recalibrate_batch_stats,
-    reset_batch_stats,
+  calibration_batches,
+  recalibrate_batch_stats,
+  reset_batch_stats,
 )
+from cram_jax.models import ResNet8, as_nnx
 
 
 class Net(nn.Module):
@@ -234,3 +236,85 @@ def test_calibration_batches_bad_arguments(images, kwargs, error, match):
   # Raised by the call itself, not lazily by the first next().
   with pytest.raises(error, match=match):
     calibration_batches(images, **kwargs)
+
+
+class NNXInputBN(nnx.Module):
+  """BatchNorm straight on the input: the re-estimated statistics have a
+  closed form."""
+
+  def __init__(self, rngs):
+    self.bn = nnx.BatchNorm(3, momentum=0.9, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(x)
+
+
+def test_recalibrate_nnx_module_closed_form_in_place():
+  model = NNXInputBN(nnx.Rngs(0))
+  model.eval()  # recalibration switches BatchNorm to train mode itself
+  rng = np.random.default_rng(0)
+  batches = [
+      rng.normal(i, 1 + i, size=(16, 3)).astype(np.float32) for i in range(3)
+  ]
+  mean, var = np.zeros(3), np.ones(3)
+  for b in batches:  # EMA, momentum 0.9, from the reset values
+    mean = 0.9 * mean + 0.1 * b.mean(0)
+    var = 0.9 * var + 0.1 * b.var(0)
+  model.bn.mean[...] = jnp.full((3,), 5.0)
+  assert recalibrate_batch_stats(model, batches) is model
+  np.testing.assert_allclose(model.bn.mean[...], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(model.bn.var[...], var, rtol=1e-5, atol=1e-6)
+  assert model.bn.use_running_average, "the model's own mode is left as it was"
+
+
+def test_recalibrate_zoo_nnx_matches_linen_path():
+  linen = ResNet8(num_classes=3)
+  rng = np.random.default_rng(1)
+  batches = [rng.normal(size=(4, 8, 8, 3)).astype(np.float32) for _ in range(3)]
+  variables = linen.init(jax.random.key(0), batches[0], train=False)
+  model = as_nnx(linen, batches[0])
+  expected = recalibrate_batch_stats(linen, variables, batches)
+  recalibrate_batch_stats(model, batches)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      nnx.to_pure_dict(nnx.as_pure(nnx.state(model, nnx.BatchStat))),
+      expected["batch_stats"],
+  )
+
+
+def test_reset_batch_stats_nnx_state_and_module():
+  model = NNXInputBN(nnx.Rngs(0))
+  model.bn.mean[...] = jnp.full((3,), 2.0)
+  model.bn.var[...] = jnp.full((3,), 3.0)
+  for state in (
+      nnx.state(model, nnx.BatchStat),
+      nnx.as_pure(nnx.state(model, nnx.BatchStat)),
+  ):
+    out = nnx.to_pure_dict(nnx.as_pure(reset_batch_stats(state)))
+    np.testing.assert_array_equal(out["bn"]["mean"], np.zeros(3))
+    np.testing.assert_array_equal(out["bn"]["var"], np.ones(3))
+  np.testing.assert_array_equal(model.bn.mean[...], np.full(3, 2.0))
+  assert reset_batch_stats(model) is model
+  np.testing.assert_array_equal(model.bn.mean[...], np.zeros(3))
+  np.testing.assert_array_equal(model.bn.var[...], np.ones(3))
+
+
+def test_recalibrate_nnx_bad_inputs():
+  model = NNXInputBN(nnx.Rngs(0))
+  x = np.ones((4, 3), np.float32)
+  with pytest.raises(TypeError, match=r"holds its own variables"):
+    recalibrate_batch_stats(model, {"params": {}}, [x])
+  with pytest.raises(TypeError, match=r"holds its own variables.*mapping"):
+    recalibrate_batch_stats(model, {"params": {}})
+  with pytest.raises(TypeError, match=r"batches is missing"):
+    recalibrate_batch_stats(model)
+  with pytest.raises(TypeError, match=r"single array of shape \(4, 3\)"):
+    recalibrate_batch_stats(model, x)
+  with pytest.raises(ValueError, match=r"batches is empty"):
+    recalibrate_batch_stats(model, [])
+  with pytest.raises(TypeError, match=r"got a mapping with keys \['image'\]"):
+    recalibrate_batch_stats(model, [{"image": x}])
+  with pytest.raises(ValueError, match=r"has no nnx.BatchStat"):
+    recalibrate_batch_stats(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), [x])
+  with pytest.raises(TypeError, match=r"reset"):
+    recalibrate_batch_stats(model, [x], reset="yes")
