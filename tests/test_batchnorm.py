@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from cram_jax import (
-  calibration_batches,
-  recalibrate_batch_stats,
-  reset_batch_stats,
+    calibration_batches,
+    recalibrate_batch_stats,
+    reset_batch_stats,
 )
 from cram_jax.models import ResNet8, as_nnx
 
