@@ -56,8 +56,8 @@ def compilation_cache_for_this_module(tmp_path_factory):
   """A persistent compilation cache, for this module only.
 
   A run compiles the model's init twice (training, then `load_final` for the sweep)
-  and the jit run of `test_pmap_matches_jit` repeats the first test's programs; on
-  CPU each of these costs seconds. The cache returns the same executables, so what
+  and the runs of `test_pmap_matches_jit` repeat the first test's init and
+  evaluation programs; on CPU each of these costs seconds. The cache returns the same executables, so what
   is tested does not change. Config and cache state are restored afterwards.
   """
   names = (
