@@ -378,10 +378,20 @@ def plot(results: Sequence[Result], metric: str, path: str) -> None:
   ax.set_ylabel(f"{metric} (%)")
   ax.set_title("unstructured", fontsize=10)
   ax.grid(alpha=0.3)
-  handles = [Patch(color=colors[m], label=m) for m in methods] + [
+
+  def method_label(m):
+    dense = dense_value(m)
+    return m if dense is None else f"{m} (dense {dense:.1f}%)"
+
+  handles = [Patch(color=colors[m], label=method_label(m)) for m in methods] + [
       Line2D([], [], color="0.3", linestyle="-", marker="o", label="global"),
       Line2D(
-          [], [], color="0.3", linestyle="--", marker="s", label="layer-wise"
+          [],
+          [],
+          color="0.3",
+          linestyle="--",
+          marker="s",
+          label="layer-wise (uniform)",
       ),
       Line2D([], [], color="0.3", linestyle=":", label="dense (unpruned)"),
   ]
@@ -460,14 +470,18 @@ def plot(results: Sequence[Result], metric: str, path: str) -> None:
       ),
       fontsize=11,
   )
-  fig.legend(
-      handles=handles,
-      loc="lower center",
-      ncol=len(handles),
-      fontsize=8,
-      frameon=False,
-  )
-  fig.tight_layout(rect=(0, 0.06, 1, 1))
+  # Two rows under the panels: the methods, then what lines and bars mean.
+  rows = (handles[: len(methods)], handles[len(methods) :])
+  for y, row in zip((0.055, 0.0), rows):
+    fig.legend(
+        handles=row,
+        loc="lower center",
+        bbox_to_anchor=(0.5, y),
+        ncol=len(row),
+        fontsize=8,
+        frameon=False,
+    )
+  fig.tight_layout(rect=(0, 0.11, 1, 1))
   fig.savefig(path)
   plt.close(fig)
 
