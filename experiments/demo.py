@@ -5,8 +5,9 @@ images from scikit-learn, prepared offline as a TFDS dataset) three times, with 
 SAM and CrAM+-Multi, through the experiment runner (experiments/train.py, config
 experiments/configs/digits.py); then runs the one-shot sweep (experiments/oneshot.py):
 global and layer-wise magnitude pruning at 50-95% and 2:4 / 4:8, BatchNorm
-re-estimated, test accuracy of each. Prints the table and writes it with a CSV and a
-plot. Fixed seeds; about 3-4 minutes on 2 CPU cores.
+re-estimated, test accuracy of each, one progress line per configuration. Prints the
+table and writes it with a CSV and a plot (left: accuracy vs unstructured sparsity;
+right: 2:4 and 4:8). Fixed seeds; about 3-4 minutes on 2 CPU cores.
 
   python experiments/demo.py [--out outputs/demo] [--epochs 30] [--resume]
 """

@@ -1,8 +1,10 @@
 """Data parallelism gives the single-device answer (docs/method.md section 6).
 
-With 8 simulated CPU devices (tests/conftest.py): a few CrAM steps of the runner on
-1 device, on an 8-device mesh under `jit`, and under `pmap` end at the same params,
-and under `pmap` every replica computes the same mask at every step.
+With 8 simulated CPU devices (tests/conftest.py): the runner's CrAM step on 1 device,
+on an 8-device mesh under `jit`, and under `pmap` computes, step after step, the same
+mask on every replica and the same update (relative to the update's size: the
+three are different programs, see tests/parallel_checks.py), and under `pmap` every
+replica computes the same mask at every step.
 """
 
 import jax
@@ -10,12 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from parallel_checks import (
+    LOSS_RTOL,
+    assert_close_relative_to_change,
+    assert_same_masks,
+    masks_by_step,
+    spy_on_masks,
+)
 
 import cram_jax
 from cram_jax import compress
-from cram_jax.data import prepare_digits
-from experiments import train
+from cram_jax.data import make_pipeline, prepare_digits
+from experiments import optimizers, train
 from experiments.configs import digits
+
+STEPS = (
+    3  # well-conditioned: rounding is not amplified yet (parallel_checks.py)
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,37 +38,85 @@ def digits_dir(tmp_path_factory):
   return str(path)
 
 
-def run_config(digits_dir, parallel, num_devices):
-  config = digits.get_config("cram+-multi")
+def run_config(digits_dir, method, parallel, num_devices):
+  """The demo's recipe (lr 0.05, rho 0.05, batch 64), on 1 or 8 devices."""
+  config = digits.get_config(method)
   config.data_dir = digits_dir
   config.parallel, config.num_devices = parallel, num_devices
   config.batch_size, config.eval_batch_size = 64, 120
-  config.num_train_steps, config.checkpoint_every_steps = 4, 4
-  config.log_every_steps, config.progress = 2, False
+  config.progress = False
   return config
 
 
-def test_one_device_mesh_and_pmap_reach_the_same_params(digits_dir, tmp_path):
+def train_steps(config):
+  """The runner's compiled step, `STEPS` times on the runner's data.
+
+  Returns the initial host state and, per step, the host state (pmap: replica
+  0's), the masks every replica computed, and the mean loss.
+  """
+  with pytest.MonkeyPatch.context() as patch:  # the optimiser is built here
+    mask_log = spy_on_masks(patch)
+    run = train.build(config)
+  kwargs = train.train_data_kwargs(config, run.process_batch_size)
+  pipeline = make_pipeline(config.dataset, config.train_split, **kwargs)
+  batches = [train.device_keys(run.task, next(pipeline)) for _ in range(STEPS)]
+  initial = jax.device_get(train.init_state(run, batches[0]))
+  state = run.parallel.place_state(initial)
+  step = run.parallel.compile_step(train.make_train_step(run))
+  states, losses = [], []
+  for batch in batches:
+    state, metrics = step(state, run.parallel.place_batch(batch))
+    jax.block_until_ready(state)  # every replica's step, its callback included
+    states.append(jax.device_get(run.parallel.host_state(state)))
+    losses.append(float(np.mean(jax.device_get(metrics)["loss"])))
+  jax.effects_barrier()
+  masks = masks_by_step(mask_log, run.parallel)
+  if not optimizers.uses_second_gradient(config.optimizer):
+    assert not masks  # no compressor
+    masks = [[] for _ in range(STEPS)]
+  assert len(masks) == STEPS
+  return initial, states, masks, losses
+
+
+# CrAM averages its gradients itself; SGD relies on the runner's step to.
+@pytest.mark.parametrize("method", ["cram+-multi", "sgd"])
+def test_one_device_mesh_and_pmap_take_the_same_steps(digits_dir, method):
   assert jax.device_count() == 8
-  finals = {}
-  for name, parallel, devices in (
-      ("single", "jit", 1),
-      ("mesh", "jit", 8),
-      ("pmap", "pmap", 8),
-  ):
-    config = run_config(digits_dir, parallel, devices)
-    summary = train.train_and_evaluate(config, str(tmp_path / name))
-    assert summary["status"] == "completed" and summary["step"] == 4
-    finals[name] = train.load_final(str(tmp_path / name), config)[1]
-  for name in ("mesh", "pmap"):
-    for part in ("params", "batch_stats"):
-      jax.tree.map(
-          lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-          finals[name][part],
-          finals["single"][part],
+  runs = {
+      name: train_steps(run_config(digits_dir, method, parallel, devices))
+      for name, parallel, devices in (
+          ("single", "jit", 1),
+          ("mesh", "jit", 8),
+          ("pmap", "pmap", 8),
       )
-  # The runs trained: the CrAM step count moved.
-  assert int(finals["pmap"]["opt_state"].count) == 4
+  }
+  initial, want_states, want_masks, want_losses = runs["single"]
+  for name in ("mesh", "pmap"):
+    start, states, masks, losses = runs[name]
+    # The same program builds the initial state in every mode.
+    jax.tree.map(np.testing.assert_array_equal, start, initial)
+    for t in range(STEPS):
+      where = f"{name}, step {t + 1}"
+      got, want = states[t], want_states[t]
+      assert int(got["step"]) == int(want["step"]) == t + 1, where
+      if method.startswith("cram"):
+        assert_same_masks(
+            masks[t], want_masks[t], 8 if name == "pmap" else 1, where
+        )
+        # Discrete state: CrAM's counter and the key that samples the sparsity.
+        assert int(got["opt_state"].count) == t + 1, where
+        np.testing.assert_array_equal(
+            got["opt_state"].key, want["opt_state"].key, err_msg=where
+        )
+      else:
+        assert not masks[t], where
+      # Params, BatchNorm statistics, and the momentum (which starts at zero, so
+      # its tolerance is relative to its own size).
+      for part in ("params", "batch_stats", "opt_state"):
+        assert_close_relative_to_change(
+            got[part], want[part], initial[part], f"{where}: {part}"
+        )
+      assert losses[t] == pytest.approx(want_losses[t], rel=LOSS_RTOL), where
 
 
 def test_every_replica_computes_the_same_mask_under_pmap():
