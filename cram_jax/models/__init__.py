@@ -24,6 +24,7 @@ from cram_jax.models.convert import (
     save_bert,
 )
 from cram_jax.models.resnet import (
+    RESNET_NM,
     RESNET_PRUNABLE,
     RESNET_UNIFORM,
     BasicBlock,
@@ -54,6 +55,7 @@ __all__ = [
     "Bottleneck",
     "CifarResNet18",
     "PRETRAINING_HEADS",
+    "RESNET_NM",
     "RESNET_PRUNABLE",
     "RESNET_UNIFORM",
     "ResNet",
