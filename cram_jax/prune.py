@@ -116,6 +116,9 @@ class SparsityReport:
     prunable). A prunable leaf whose path is itself ``'prunable'`` or
     ``'overall'`` would collide with a total: that is a ValueError.
     """
+    per_leaf = validate.check_bool(
+        per_leaf, "per_leaf", "SparsityReport.summary"
+    )
     out: dict[str, float | int] = {
         "sparsity/prunable": self.prunable_sparsity,
         "sparsity/overall": self.total_sparsity,
