@@ -1033,6 +1033,11 @@ def test_erk_levels_sweep_with_level_under_jit_and_sample_with_a_key():
             "must be a real number",
         ),
         (lambda: compress.custom({}), TypeError, "non-empty dict"),
+        (
+            lambda: compress.custom({"a": [0.1, None]}),
+            TypeError,
+            "None cannot be one of a list of levels",
+        ),
         (lambda: compress.custom([("head", 0.5)]), TypeError, "non-empty dict"),
         (
             lambda: compress.custom({1: 0.5}),

@@ -429,6 +429,12 @@ class _Custom(Distribution):
   def _value(value: Any, owner: str) -> tuple[Any, ...] | None:
     if value is None:
       return None
+    if isinstance(value, (list, tuple)) and any(v is None for v in value):
+      raise TypeError(
+          f"{owner}: None cannot be one of a list of levels, got "
+          f"{validate.short(value)}; None (alone) leaves a leaf dense at "
+          "every level, 0.0 keeps it whole but masked"
+      )
     return base.as_levels(value, owner)
 
   def _counts(self, paths, shapes, owner):
