@@ -30,6 +30,7 @@ from cram_jax.prune import (
     keep_pruned,
     prune,
     sparsity_report,
+    sparsity_summary,
 )
 
 __version__ = "0.1.0"
@@ -56,4 +57,5 @@ __all__ = [
     "recalibrate_batch_stats",
     "reset_batch_stats",
     "sparsity_report",
+    "sparsity_summary",
 ]

@@ -105,6 +105,39 @@ class SparsityReport:
   def total_sparsity(self) -> float:
     return self.total_zeros / max(self.total_size, 1)
 
+  def summary(self, per_leaf: bool = False) -> dict[str, float | int]:
+    """A flat dict of scalars for a metrics logger.
+
+    Always ``'sparsity/prunable'`` and ``'sparsity/overall'`` (fractions of
+    exact zeros over prunable leaves and over all parameters) and
+    ``'nonzero/prunable'``, ``'nonzero/overall'`` (int counts). With
+    ``per_leaf=True``, also ``'sparsity/<leaf path>'`` for each prunable leaf
+    (never for BatchNorm statistics, biases or other leaves that are not
+    prunable). A prunable leaf whose path is itself ``'prunable'`` or
+    ``'overall'`` would collide with a total: that is a ValueError.
+    """
+    per_leaf = validate.check_bool(
+        per_leaf, "per_leaf", "SparsityReport.summary"
+    )
+    out: dict[str, float | int] = {
+        "sparsity/prunable": self.prunable_sparsity,
+        "sparsity/overall": self.total_sparsity,
+        "nonzero/prunable": self.prunable_size - self.prunable_zeros,
+        "nonzero/overall": self.total_size - self.total_zeros,
+    }
+    if per_leaf:
+      for r in self.rows:
+        if not r.prunable:
+          continue
+        name = f"sparsity/{r.path}"
+        if name in out:
+          raise ValueError(
+              f"SparsityReport.summary: leaf '{r.path}' would overwrite the "
+              f"total '{name}'; rename the leaf or use per_leaf=False"
+          )
+        out[name] = r.sparsity
+    return out
+
   def __str__(self) -> str:
     lines = [
         "| leaf | shape | size | zeros | sparsity | prunable |",
@@ -176,6 +209,25 @@ def sparsity_report(
         )
     )
   return SparsityReport(rows=tuple(rows))
+
+
+def sparsity_summary(
+    params: Any,
+    masks: Any = None,
+    select: select_lib.Selector | None = None,
+    *,
+    per_leaf: bool = False,
+) -> dict[str, float | int]:
+  """``sparsity_report(params, masks, select).summary(per_leaf)``: a flat dict.
+
+  For a metrics logger, e.g. ``writer.write_scalars(step,
+  sparsity_summary(pruned, masks))``; keys ``'sparsity/prunable'``,
+  ``'sparsity/overall'``, ``'nonzero/prunable'``, ``'nonzero/overall'``, and
+  ``'sparsity/<leaf path>'`` per prunable leaf with ``per_leaf=True``. See
+  :meth:`SparsityReport.summary`.
+  """
+  per_leaf = validate.check_bool(per_leaf, "per_leaf", "sparsity_summary")
+  return sparsity_report(params, masks, select).summary(per_leaf=per_leaf)
 
 
 def keep_pruned(

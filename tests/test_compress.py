@@ -770,3 +770,354 @@ def test_level_argument_sweeps_levels_with_one_compilation():
     assert swept._cache_size() == 1
   with pytest.raises(ValueError, match="level must index one of the 3"):
     compress.global_magnitude(levels)(params, level=3)
+
+
+# ---------------------------------------------------------------- distributions
+
+
+def erk_oracle(shapes, sparsity, dense=()):
+  """Closed-form ERK densities, jaxpruner-style: one most-dense layer at a time.
+
+  Density_i = eps * sum(shape_i) / prod(shape_i), scaled so that the layers keep
+  round((1 - s) * N) weights; a layer over density 1 is kept whole and eps is
+  solved again for the rest. Returns (densities, saturated set, kept target).
+  """
+  sizes = np.asarray([np.prod(s) for s in shapes], np.float64)
+  raw = np.asarray([np.sum(s) / np.prod(s) for s in shapes], np.float64)
+  target = round((1 - sparsity) * sizes.sum())
+  whole = set(dense)
+  saturated = set()
+  while True:
+    rest = [i for i in range(len(shapes)) if i not in whole | saturated]
+    budget = target - sum(sizes[i] for i in whole | saturated)
+    eps = budget / sum(raw[i] * sizes[i] for i in rest)
+    top = max(raw[i] for i in rest)
+    if eps * top > 1:
+      saturated |= {i for i in rest if raw[i] == top}
+      continue
+    break
+  density = np.ones(len(shapes))
+  for i in rest:
+    density[i] = eps * raw[i]
+  return density, saturated, target
+
+
+# Conv and dense kernels of different shapes; at 50% the 1x1 shortcut and the
+# head saturate (ERK favours small, thin layers) and the rest are re-scaled.
+ERK_SHAPES = {
+    "conv_init": (3, 3, 3, 16),
+    "block/conv": (3, 3, 16, 32),
+    "block/shortcut": (1, 1, 16, 32),
+    "mlp/kernel": (32, 64),
+    "head": (64, 10),
+}
+
+
+def erk_params(seed=0, shapes=ERK_SHAPES):
+  rng = np.random.default_rng(seed)
+  return {
+      name: {"kernel": jnp.asarray(rng.normal(size=shape), jnp.float32)}
+      for name, shape in shapes.items()
+  }
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.97])
+def test_erk_densities_match_the_closed_form(sparsity):
+  params = erk_params()
+  names = sorted(ERK_SHAPES)  # the flatten order
+  shapes = [ERK_SHAPES[n] for n in names]
+  density, saturated, target = erk_oracle(shapes, sparsity)
+  if sparsity == 0.5:  # the case with saturated layers, re-scaled rest
+    assert {names[i] for i in saturated} == {"block/shortcut", "head"}
+  _, masks = jax.jit(compress.layerwise_magnitude(compress.erk(sparsity)))(
+      params
+  )
+  kept = [int(np.asarray(masks[n]["kernel"]).sum()) for n in names]
+  sizes = [int(np.prod(s)) for s in shapes]
+  assert sum(kept) == target  # exact total
+  for i, (k, n, d) in enumerate(zip(kept, sizes, density)):
+    if i in saturated:
+      assert k == n
+    else:
+      assert abs(k - d * n) < 1  # floor or ceil of the ideal count
+  # Largest remainder: exactly the leaves with the largest fractional parts
+  # are rounded up (no near-ties in these shapes).
+  rest = [i for i in range(len(names)) if i not in saturated]
+  frac = {
+      i: density[i] * sizes[i] - np.floor(density[i] * sizes[i]) for i in rest
+  }
+  up = {i for i in rest if kept[i] > np.floor(density[i] * sizes[i])}
+  by_frac = sorted(rest, key=lambda i: -frac[i])
+  assert up == set(by_frac[: len(up)])
+  # The distribution reports the same split without pruning.
+  reported = compress.erk(sparsity)(params)
+  for n, k, size in zip(names, kept, sizes):
+    assert reported[n]["kernel"] == pytest.approx(1 - k / size, abs=1e-12)
+  assert jax.tree.leaves(compress.erk(sparsity).kept(params)) == kept
+  # Each leaf keeps its k largest magnitudes.
+  for n, k in zip(names, kept):
+    w = np.abs(np.asarray(params[n]["kernel"])).ravel()
+    np.testing.assert_array_equal(
+        np.asarray(masks[n]["kernel"]).ravel(), topk_oracle(w, k)
+    )
+
+
+@settings(max_examples=25)  # one compilation per example
+@given(tree=param_trees(min_leaves=2, max_leaves=4), sparsity=st.floats(0, 1))
+def test_erk_exact_total_and_per_leaf_masks_match_oracle(tree, sparsity):
+  params = jax.tree.map(jnp.asarray, tree)
+  _, masks = jax.jit(compress.layerwise_magnitude(compress.erk(sparsity)))(
+      params
+  )
+  names = sorted(tree)
+  shapes = [tree[n]["kernel"].shape for n in names]
+  density, saturated, target = erk_oracle(shapes, sparsity)
+  kept = [int(np.asarray(masks[n]["kernel"]).sum()) for n in names]
+  assert sum(kept) == target
+  for i, n in enumerate(names):
+    size = tree[n]["kernel"].size
+    if i in saturated:
+      assert kept[i] == size
+    else:
+      assert abs(kept[i] - density[i] * size) < 1 + 1e-9
+    assert masks[n]["bias"] is None
+    np.testing.assert_array_equal(
+        np.asarray(masks[n]["kernel"]).ravel(),
+        topk_oracle(np.abs(tree[n]["kernel"]).ravel(), kept[i]),
+    )
+
+
+def test_erk_dense_leaves_count_in_the_total_and_get_no_mask():
+  params = erk_params(1)
+  names = sorted(ERK_SHAPES)
+  shapes = [ERK_SHAPES[n] for n in names]
+  stem = names.index("conv_init")
+  density, saturated, target = erk_oracle(shapes, 0.9, dense={stem})
+  pruned, masks = compress.layerwise_magnitude(
+      compress.erk(0.9, dense="conv_init")
+  )(params)
+  assert masks["conv_init"]["kernel"] is None
+  np.testing.assert_array_equal(
+      pruned["conv_init"]["kernel"], params["conv_init"]["kernel"]
+  )
+  kept = {
+      n: int(np.asarray(masks[n]["kernel"]).sum())
+      for n in names
+      if n != "conv_init"
+  }
+  assert sum(kept.values()) + int(np.prod(shapes[stem])) == target
+  for n, k in kept.items():
+    i = names.index(n)
+    n_i = int(np.prod(shapes[i]))
+    assert k == n_i if i in saturated else abs(k - density[i] * n_i) < 1
+
+
+def test_uniform_is_the_plain_number():
+  params = erk_params(2)
+  for s in (0.3, [0.5, 0.9]):
+    a = jax.jit(compress.layerwise_magnitude(s))(params, level=0)[1]
+    b = jax.jit(compress.layerwise_magnitude(compress.uniform(s)))(
+        params, level=0
+    )[1]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  traced = jax.jit(
+      lambda p, s: compress.layerwise_magnitude(compress.uniform(s))(p)[1]
+  )(params, jnp.float32(0.3))
+  jax.tree.map(
+      np.testing.assert_array_equal,
+      traced,
+      compress.layerwise_magnitude(0.3)(params)[1],
+  )
+
+
+@settings(max_examples=20)  # one compilation per example
+@given(
+    tree=param_trees(min_leaves=3, max_leaves=3),
+    s0=st.floats(0, 1),
+    s1=st.floats(0, 1),
+)
+def test_user_map_first_match_wins_and_none_stays_dense(tree, s0, s1):
+  params = jax.tree.map(jnp.asarray, tree)
+  mapping = {"layer0/": None, "layer[01]/": s0, ".*": s1}  # layer1 -> s0
+  pruned, masks = jax.jit(compress.layerwise_magnitude(mapping))(params)
+  assert masks["layer0"]["kernel"] is None
+  np.testing.assert_array_equal(
+      pruned["layer0"]["kernel"], tree["layer0"]["kernel"]
+  )
+  for name, s in (("layer1", s0), ("layer2", s1)):
+    w = tree[name]["kernel"]
+    np.testing.assert_array_equal(
+        np.asarray(masks[name]["kernel"]).ravel(),
+        topk_oracle(np.abs(w).ravel(), round((1 - s) * w.size)),
+    )
+
+
+def test_user_map_default_and_levels_with_level_under_jit():
+  params = erk_params(3)
+  dist = compress.custom(
+      {"conv_init": None, "head": [0.0, 0.5, 0.8]}, default=[0.5, 0.7, 0.9]
+  )
+  assert dist.num_levels == 3
+  fn = jax.jit(compress.layerwise_magnitude(dist))
+  for i, (head_s, rest_s) in enumerate(zip([0.0, 0.5, 0.8], [0.5, 0.7, 0.9])):
+    masks = fn(params, level=i)[1]
+    assert masks["conv_init"]["kernel"] is None
+    for name, shape in ERK_SHAPES.items():
+      if name == "conv_init":
+        continue
+      s = head_s if name == "head" else rest_s
+      assert int(masks[name]["kernel"].sum()) == round((1 - s) * np.prod(shape))
+  assert fn._cache_size() == 1
+  # A default of None leaves unmatched leaves dense.
+  masks = compress.layerwise_magnitude(
+      compress.custom({"head": 0.5}, default=None)
+  )(params)[1]
+  assert [n for n in ERK_SHAPES if masks[n]["kernel"] is not None] == ["head"]
+
+
+def test_erk_levels_sweep_with_level_under_jit_and_sample_with_a_key():
+  params = erk_params(4)
+  levels = [0.5, 0.7, 0.9]
+  swept = jax.jit(compress.layerwise_magnitude(compress.erk(levels)))
+  singles = []
+  for i, s in enumerate(levels):
+    single = compress.layerwise_magnitude(compress.erk(s))(params)[1]
+    jax.tree.map(
+        np.testing.assert_array_equal, swept(params, level=i)[1], single
+    )
+    singles.append(sum(int(m.sum()) for m in jax.tree.leaves(single)))
+  assert swept._cache_size() == 1
+  total = sum(int(np.prod(s)) for s in ERK_SHAPES.values())
+  assert singles == [round((1 - s) * total) for s in levels]
+  seen = set()
+  for k in range(30):
+    masks = swept(params, jax.random.key(k))[1]
+    seen.add(sum(int(m.sum()) for m in jax.tree.leaves(masks)))
+  assert seen == set(singles)
+  with pytest.raises(ValueError, match="level must index one of the 3"):
+    compress.layerwise_magnitude(compress.erk(levels))(params, level=3)
+  with pytest.raises(
+      jax.errors.JaxRuntimeError, match="level must index one of the 3"
+  ):
+    jax.block_until_ready(swept(params, level=3))
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (
+            lambda: compress.erk(1.5),
+            ValueError,
+            r"erk\(1.5\): sparsity must be in \[0, 1\], got 1.5",
+        ),
+        (lambda: compress.erk([0.5, -0.1]), ValueError, "got -0.1"),
+        (lambda: compress.erk("0.9"), TypeError, "must be a real number"),
+        (
+            lambda: compress.erk(0.9, dense=3),
+            TypeError,
+            "dense must be a regex",
+        ),
+        (
+            lambda: compress.erk(0.9, dense="("),
+            ValueError,
+            "dense pattern '\\(' is not a valid regex",
+        ),
+        (
+            lambda: compress.custom({"head": 2.0}),
+            ValueError,
+            "pattern 'head': sparsity must be in",
+        ),
+        (
+            lambda: compress.custom({"head": "x"}),
+            TypeError,
+            "must be a real number",
+        ),
+        (lambda: compress.custom({}), TypeError, "non-empty dict"),
+        (
+            lambda: compress.custom({"a": [0.1, None]}),
+            TypeError,
+            "None cannot be one of a list of levels",
+        ),
+        (lambda: compress.custom([("head", 0.5)]), TypeError, "non-empty dict"),
+        (
+            lambda: compress.custom({1: 0.5}),
+            TypeError,
+            "map keys must be regex strings, got 1",
+        ),
+        (
+            lambda: compress.custom({"[": 0.5}),
+            ValueError,
+            "pattern '\\[' is not a valid regex",
+        ),
+        (
+            lambda: compress.custom({"a": [0.1, 0.2], "b": [0.1, 0.2, 0.3]}),
+            ValueError,
+            r"same length, got lengths \[2, 3\]",
+        ),
+        (
+            lambda: compress.custom({"a": 0.5}, default=1.1),
+            ValueError,
+            "default: sparsity must be in",
+        ),
+        (lambda: compress.uniform(float("nan")), ValueError, "must be in"),
+        (
+            lambda: compress.global_magnitude(compress.erk(0.9)),
+            TypeError,
+            r"layer-wise by definition; use layerwise_magnitude\(erk\(0.9\)\)",
+        ),
+        (
+            lambda: compress.global_magnitude({".*": 0.9}),
+            TypeError,
+            "layer-wise by definition",
+        ),
+    ],
+)
+def test_bad_distributions_are_rejected_at_construction(make, error, match):
+  with pytest.raises(error, match=match):
+    make()
+
+
+@pytest.mark.parametrize(
+    "dist,match",
+    [
+        (
+            compress.custom({"conv_init": None, "hed": 0.9, ".*": 0.5}),
+            r"pattern 'hed' decides no leaf: it matches no prunable leaf",
+        ),
+        (
+            compress.custom({".*": 0.5, "head": 0.9}),
+            r"pattern 'head' decides no leaf: its leaves \['head/kernel'\] are taken by earlier patterns",
+        ),
+        (
+            compress.custom({"head": 0.9}),
+            r"prunable leaf 'block/conv/kernel' matches no pattern",
+        ),
+        (compress.custom({".*": None}), "every prunable leaf is left dense"),
+        (
+            compress.erk(0.9, dense="nothing"),
+            "dense pattern 'nothing' matches no prunable leaf",
+        ),
+        (
+            compress.erk(0.95, dense="block/conv"),
+            r"the leaves kept dense \(\['block/conv/kernel'\]\) hold 4608 of the 8240 weights, more than the 412",
+        ),
+    ],
+)
+def test_distributions_that_do_not_fit_the_params(dist, match):
+  params = erk_params(5)
+  with pytest.raises(ValueError, match=match):
+    compress.layerwise_magnitude(dist)(params)
+  with pytest.raises(ValueError, match=match):
+    dist(params)
+
+
+def test_erk_errors_for_traced_targets_and_scalar_leaves():
+  with pytest.raises(TypeError, match="ERK needs a concrete target sparsity"):
+    jax.jit(lambda s: compress.erk(s))(jnp.float32(0.5))
+  params = {"w": jnp.ones((4, 4)), "s": jnp.ones(())}
+  with pytest.raises(ValueError, match="leaf 's' is a scalar"):
+    compress.layerwise_magnitude(
+        compress.erk(0.5), select=compress.Selection(min_ndim=0)
+    )(params)
+  with pytest.raises(ValueError, match=r"level must be in \[0, 0\], got 1"):
+    compress.erk(0.5)(params, level=1)

@@ -261,3 +261,70 @@ def test_keep_pruned_update_checks_params_at_trace_time():
     jax.eval_shape(
         lambda g, p: tx.update(g, tx.init(p), p), wrong_grads, params
     )
+
+
+def variables_tree(seed=0):
+  """Linen-style variables: BatchNorm scale/bias/mean/var are never prunable."""
+  rng = np.random.default_rng(seed)
+  params = params_tree(seed)
+  params["bn"] = {
+      "scale": jnp.asarray(rng.normal(size=(8,)), jnp.float32),
+      "bias": jnp.zeros((8,), jnp.float32),
+  }
+  return {
+      "params": params,
+      "batch_stats": {"bn": {"mean": jnp.zeros((8,)), "var": jnp.ones((8,))}},
+  }
+
+
+def test_sparsity_summary_is_a_flat_dict_of_exact_counts():
+  from cram_jax import sparsity_summary  # noqa: PLC0415
+
+  variables = variables_tree()
+  pruned, masks = prune(
+      variables, compress.layerwise_magnitude(0.75, include="kernel")
+  )
+  # Oracle, counted here: conv kernel 288 -> keeps 72, head kernel 80 -> 20.
+  conv = np.asarray(pruned["params"]["conv"]["kernel"])
+  head = np.asarray(pruned["params"]["head"]["kernel"])
+  assert (conv != 0).sum() == 72 and (head != 0).sum() == 20
+  every = jax.tree.leaves(pruned)
+  total = sum(int(np.size(x)) for x in every)
+  nonzero = sum(int(np.count_nonzero(np.asarray(x))) for x in every)
+  assert total == 288 + 8 + 80 + 10 + 8 + 8 + 8 + 8
+  summary = sparsity_summary(pruned, masks)
+  assert summary == {
+      "sparsity/prunable": (368 - 92) / 368,
+      "sparsity/overall": (total - nonzero) / total,
+      "nonzero/prunable": 92,
+      "nonzero/overall": nonzero,
+  }
+  assert all(isinstance(v, (int, float)) for v in summary.values())
+  per_leaf = sparsity_summary(pruned, masks, per_leaf=True)
+  assert per_leaf == dict(
+      summary,
+      **{
+          "sparsity/params/conv/kernel": 216 / 288,
+          "sparsity/params/head/kernel": 60 / 80,
+      },
+  )
+  # Without masks the default selection decides: still no BatchNorm leaf.
+  keys = set(sparsity_summary(pruned, per_leaf=True))
+  assert not any("bn" in k or "batch_stats" in k for k in keys)
+  assert sparsity_report(pruned, masks).summary() == summary
+
+
+def test_sparsity_summary_bad_arguments():
+  from cram_jax import sparsity_summary  # noqa: PLC0415
+
+  params = params_tree()
+  with pytest.raises(
+      TypeError, match="sparsity_summary: per_leaf must be True"
+  ):
+    sparsity_summary(params, per_leaf="yes")
+  clash = {"prunable": jnp.ones((2, 2)), "other": jnp.ones((2, 2))}
+  with pytest.raises(
+      ValueError, match="leaf 'prunable' would overwrite the total"
+  ):
+    sparsity_summary(clash, per_leaf=True)
+  assert "sparsity/other" not in sparsity_summary(clash)

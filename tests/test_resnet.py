@@ -434,3 +434,37 @@ def test_numpy_ints_are_sizes():
       )
   )
   assert shapes["params"]["head"]["kernel"].shape == (8, 3)
+
+
+@pytest.mark.parametrize(
+    "factory,size,head_inputs",
+    [
+        (resnet.ResNet8, 32, 64),
+        (resnet.ResNet20, 32, 64),
+        (resnet.ResNet50, 224, 2048),
+    ],
+)
+def test_nm_selection_fits_n_of_m_on_zoo_resnets(factory, size, head_inputs):
+  from cram_jax.compress import n_of_m  # noqa: PLC0415
+  from cram_jax.models import RESNET_NM  # noqa: PLC0415
+
+  params = abstract_variables(factory(), size)["params"]
+  chosen = dict(selected(params, RESNET_NM))
+  # Every kernel but the RGB stem, head included.
+  assert set(chosen) == kernel_paths(params) - {"conv_init/kernel"}
+  assert chosen["head/kernel"].shape[0] == head_inputs
+  for path, leaf in chosen.items():
+    assert leaf.shape[-2] % 16 == 0, (path, leaf.shape)  # 2:4, 4:8, 8:16
+  for n, m in ((2, 4), (4, 8)):
+    masks = jax.eval_shape(n_of_m(n, m, select=RESNET_NM), params)[1]
+    with_mask = {
+        path_str(p)
+        for p, x in jax.tree_util.tree_flatten_with_path(
+            masks, is_leaf=lambda x: x is None
+        )[0]
+        if x is not None
+    }
+    assert with_mask == set(chosen)
+  # Without it, the 3-input stem is the one leaf that stops 2:4.
+  with pytest.raises(ValueError, match="leaf 'conv_init/kernel' has 3 inputs"):
+    jax.eval_shape(n_of_m(2, 4), params)

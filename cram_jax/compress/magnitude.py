@@ -5,6 +5,8 @@ magnitudes at the threshold the lower flat index wins (flat index = leaves in
 ``jax.tree`` flatten order, row-major inside a leaf), so the mask is a pure
 function of the values. The reference PyTorch code keeps one weight fewer (its
 threshold test is a strict ``>`` against the k-th value); we keep exactly k.
+Layer-wise pruning takes its per-leaf counts from a sparsity distribution
+(:mod:`cram_jax.compress.distribution`: uniform, ERK or a user map).
 
 How it stays fast: no sort, and no concatenated copy of the model. The k-th
 largest magnitude is found by bisection on its bit pattern. Non-negative IEEE
@@ -19,7 +21,7 @@ int32 sum: XLA's CPU code vectorises that about 6x better than a plain int32 sum
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cram_jax.compress import base, validate
+from cram_jax.compress import base, distribution, validate
 from cram_jax.compress import select as select_lib
 
 
@@ -293,6 +295,10 @@ def global_magnitude(
     with the same message), never clamped: see :func:`check_level`.
     ``compress.levels`` is the tuple of sparsities.
 
+  Raises:
+    TypeError: for a distribution (``erk(0.9)``, a dict): it sets each leaf's
+      sparsity, which is layer-wise pruning; use :func:`layerwise_magnitude`.
+
   Example::
 
     compress = global_magnitude([0.5, 0.7, 0.9])
@@ -300,6 +306,13 @@ def global_magnitude(
     sparse, masks = jax.jit(compress)(params, level=2)     # 90%
   """
   owner = f"global_magnitude({validate.short(sparsity)})"
+  if isinstance(sparsity, (distribution.Distribution, Mapping)):
+    raise TypeError(
+        f"{owner}: a per-leaf distribution fixes each leaf's sparsity, which "
+        "is layer-wise by definition; use layerwise_magnitude("
+        f"{validate.short(sparsity)}) instead, or keep leaves dense under "
+        "global pruning with select=/exclude="
+    )
   levels = base.as_levels(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
@@ -325,41 +338,57 @@ def global_magnitude(
 
 @validate.factory
 def layerwise_magnitude(
-    sparsity: float | Sequence[float] | jax.Array,
+    sparsity: (
+        float
+        | Sequence[float]
+        | jax.Array
+        | distribution.Distribution
+        | Mapping[str, Any]
+    ),
     *,
     select: select_lib.Selector | None = None,
     include: select_lib.Patterns = None,
     exclude: select_lib.Patterns = None,
 ) -> base.Compressor:
-  """Uniform magnitude pruning: each prunable leaf pruned to the same sparsity.
+  """Magnitude pruning inside each prunable leaf, at per-leaf sparsities.
 
-  Inside every leaf of n weights, keeps exactly ``round((1 - s) * n)`` of largest
-  magnitude (ties: lower flat index). One level is sampled per call for all
-  leaves when ``sparsity`` is a sequence. Arguments as :func:`global_magnitude`.
+  Inside every leaf of n weights, keeps exactly its kept count of largest
+  magnitude (ties: lower flat index). With a number s every leaf keeps
+  ``round((1 - s) * n)`` (the paper's "uniform"); with a
+  :mod:`~cram_jax.compress.distribution` the counts are the distribution's,
+  e.g. ``layerwise_magnitude(erk(0.9))``. A plain dict ``{leaf-path regex:
+  sparsity or None}`` is :func:`~cram_jax.compress.distribution.custom`; leaves
+  it maps to None keep their weights and get a None mask.
+
+  With several levels (a list of sparsities, ``erk([0.5, 0.7, 0.9])``, or
+  lists in a map) one level is sampled per call for all leaves, or chosen by
+  ``level=`` (which may be traced): the per-leaf counts of every level are a
+  static table built at trace time, indexed by the level. ``compress.levels``
+  is the tuple of levels. Other arguments as :func:`global_magnitude`.
+
+  Example::
+
+    compress = layerwise_magnitude(erk([0.5, 0.7, 0.9]))
+    sparse, masks = jax.jit(compress)(params, level=2)  # ERK at 90% overall
   """
   owner = f"layerwise_magnitude({validate.short(sparsity)})"
-  levels = base.as_levels(sparsity, owner)
+  dist = distribution.as_distribution(sparsity, owner)
   rule = select_lib.resolve(select, include, exclude, owner=owner)
 
   def compress(
       params: Any, key: Any = None, *, level: Any = None
   ) -> tuple[Any, Any]:
     chosen = select_lib.selected(params, rule, owner=owner)
-    index = _level_index(key, level, len(levels), owner)
+    index = _level_index(key, level, dist.num_levels, owner)
+    plan = dist.plan([(name, jnp.shape(x)) for name, x in chosen], owner)
+    pruned = [c for c, dense in zip(chosen, plan.dense) if not dense]
     # One group per leaf: every leaf is bisected in the same passes.
-    k = jnp.stack(
-        [
-            jnp.asarray(
-                _pick(_level_counts(levels, int(np.prod(jnp.shape(x)))), index),
-                jnp.int32,
-            )
-            for _, x in chosen
-        ]
+    masks = _topk_masks(
+        [x for _, x in pruned], list(range(len(pruned))), plan.kept_at(index)
     )
-    masks = _topk_masks([x for _, x in chosen], list(range(len(chosen))), k)
     return base.compress_with(
-        params, {name: m for (name, _), m in zip(chosen, masks)}
+        params, {name: m for (name, _), m in zip(pruned, masks)}
     )
 
-  _attach_checks(compress, levels, owner)
+  _attach_checks(compress, dist.levels, owner)
   return compress

@@ -25,6 +25,7 @@ from cram_jax.models.convert import (
 )
 from cram_jax.models.nnx_bridge import LinenModule, as_nnx
 from cram_jax.models.resnet import (
+    RESNET_NM,
     RESNET_PRUNABLE,
     RESNET_UNIFORM,
     BasicBlock,
@@ -56,6 +57,7 @@ __all__ = [
     "CifarResNet18",
     "LinenModule",
     "PRETRAINING_HEADS",
+    "RESNET_NM",
     "RESNET_PRUNABLE",
     "RESNET_UNIFORM",
     "ResNet",

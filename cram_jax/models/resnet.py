@@ -70,6 +70,20 @@ patterns match both ``variables['params']`` paths (``conv_init/kernel``) and ful
 variables paths (``params/conv_init/kernel``).
 """
 
+RESNET_NM = Selection(exclude=r"(^|/)conv_init/kernel$")
+"""Every conv and dense kernel except the stem conv: the N:M selection for the zoo.
+
+``n_of_m(2, 4, select=RESNET_NM)`` works on every zoo ResNet without
+``on_indivisible``. N:M groups run along the input axis, and the RGB stem
+``conv_init`` has 3 inputs, which no M in use (2, 4, 8, 16) divides. Every other
+kernel has as inputs a stage width or a multiple of it: 16/32/64 in the CIFAR
+ResNet-20 family, 64 to 512 (BasicBlock) or 64 to 2048 (Bottleneck) otherwise,
+shortcuts included; the classifier ``head`` reads the pooled features, 64 /
+512 / 2048 inputs. So any M dividing 16 (2:4, 4:8, 8:16) fits every zoo
+ResNet. This is a fixed exclusion, not a divisibility test: a custom ``widths``
+that some M does not divide makes ``n_of_m`` raise, naming the leaf.
+"""
+
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs with BatchNorm; 1x1 conv + BatchNorm shortcut when the shape changes.
