@@ -123,8 +123,8 @@ def make_optimizer(
   if name not in NAMES:
     raise ValueError(f"config.optimizer={name!r} is not one of {NAMES}")
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  if name in ("sgd", "adamw"):
-    return base_optimizer(config, name, schedule)
+  if name in ("sgd", "adamw"):  # ignores grad_fn: one train step for all
+    return optax.with_extra_args_support(base_optimizer(config, name, schedule))
   base = base_optimizer(config, config.get("base_optimizer", "sgd"), schedule)
   if name == "sam":
     ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.rho))

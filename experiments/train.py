@@ -510,12 +510,16 @@ def device_keys(
 
 
 def make_train_step(run: Run):
+  """One pure train step for every method.
+
+  SGD and AdamW ignore `grad_fn`; SAM and CrAM share the contract of
+  `optax.contrib.sam(opaque_mode=True)`: the clean gradient averaged over
+  replicas by the caller, `grad_fn(params, i)` averaged by the optimizer.
+  With m-sharpness (`cram.local_perturbation`) the clean gradient stays local:
+  CrAM perturbs with it and averages it itself.
+  """
   task, tx, axis = run.task, run.tx, run.parallel.axis_name
-  name = run.config.optimizer
-  second_gradient = optimizers.uses_second_gradient(name)
-  averages_itself = name.startswith(
-      "cram"
-  )  # CrAM pmeans (or not: m-sharpness) inside
+  average_clean = axis is not None and not run.config.local_perturbation
 
   def step(state: State, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(
@@ -530,17 +534,15 @@ def make_train_step(run: Run):
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True
     )(state["params"], state["batch_stats"])
-    if axis is not None and not averages_itself:
+    if average_clean:
       grads = jax.lax.pmean(grads, axis)
-    extra = {}
-    if second_gradient:
-      # Same batch, train mode, statistics from this pass dropped. `_` lets SAM pass
-      # its step index; CrAM calls grad_fn(params).
-      extra["grad_fn"] = lambda p, _=0: jax.grad(loss_fn, has_aux=True)(
-          p, state["batch_stats"]
-      )[0]
+
+    def grad_fn(params, _):
+      # Same batch, train mode; this pass's BatchNorm statistics are dropped.
+      return jax.grad(loss_fn, has_aux=True)(params, state["batch_stats"])[0]
+
     updates, opt_state = tx.update(
-        grads, state["opt_state"], state["params"], **extra
+        grads, state["opt_state"], state["params"], grad_fn=grad_fn
     )
     new_state = {
         "step": state["step"] + 1,

@@ -56,12 +56,8 @@ def test_every_optimizer_name_builds_and_steps(name):
     return jnp.sum(p["conv"]["kernel"] ** 2) + jnp.sum(p["bias"] ** 2)
 
   grads = jax.grad(loss)(params)
-  extra = (
-      {"grad_fn": lambda p, _=0: jax.grad(loss)(p)}
-      if optimizers.uses_second_gradient(name)
-      else {}
-  )
-  updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(
+  grad_fn = lambda p, _: jax.grad(loss)(p)  # noqa: E731
+  updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
       grads, tx.init(params), params
   )
   assert np.all(np.isfinite(np.asarray(updates["conv"]["kernel"])))
