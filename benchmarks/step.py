@@ -6,7 +6,8 @@ One process, one machine, the same random batch (fixed seed) for all three optim
   * SAM:  optax.contrib.sam(SGD, chain(normalize(), sgd(0.05)), sync_period=2,
           opaque_mode=True), ``grad_fn(params, i)``;
   * CrAM+-Multi: cram_jax.cram(SGD, global_magnitude([.3, .4, .5, .6, .7, .8, .9]),
-          rho=0.2) (plus=True), ``grad_fn(params)``.
+          rho=0.2) (plus=True), the same ``grad_fn(params, i)``: one train
+          step serves all three.
 
 BatchNorm is handled alike (README quick start): the clean pass's batch statistics are
 kept, the second pass runs in train mode and its statistics are dropped. Each step is
@@ -121,7 +122,7 @@ def build_steps(
         0
     ]
 
-  sgd = base_optimizer()
+  sgd = optax.with_extra_args_support(base_optimizer())
   sam = optax.contrib.sam(
       base_optimizer(),
       optax.chain(optax.contrib.normalize(), optax.sgd(SAM_RHO)),
@@ -132,38 +133,28 @@ def build_steps(
       base_optimizer(), compress.global_magnitude(SPARSITIES), rho=CRAM_RHO
   )
 
-  def make(name, tx):
+  def make(tx):
     def step(params, batch_stats, opt_state, images, labels):
       # Clean pass: its BatchNorm statistics are the ones kept, in every method.
       (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
           params, batch_stats, images, labels
       )
-      if name == "SGD":
-        updates, opt_state = tx.update(grads, opt_state, params)
-      elif name == "SAM":
-        updates, opt_state = tx.update(
-            grads,
-            opt_state,
-            params,
-            grad_fn=lambda p, _: second_pass_grad(
-                p, batch_stats, images, labels
-            ),
-        )
-      else:
-        updates, opt_state = tx.update(
-            grads,
-            opt_state,
-            params,
-            grad_fn=lambda p: second_pass_grad(p, batch_stats, images, labels),
-        )
+      # One call for every method: SAM and CrAM share optax's opaque-mode
+      # contract, grad_fn(params, i); SGD ignores grad_fn.
+      updates, opt_state = tx.update(
+          grads,
+          opt_state,
+          params,
+          grad_fn=lambda p, _: second_pass_grad(p, batch_stats, images, labels),
+      )
       return optax.apply_updates(params, updates), new_stats, opt_state, loss
 
     return step
 
   return {
-      "SGD": (sgd, make("SGD", sgd)),
-      "SAM": (sam, make("SAM", sam)),
-      "CrAM+-Multi": (cram, make("CrAM+-Multi", cram)),
+      "SGD": (sgd, make(sgd)),
+      "SAM": (sam, make(sam)),
+      "CrAM+-Multi": (cram, make(cram)),
   }
 
 

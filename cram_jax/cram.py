@@ -6,13 +6,14 @@ gradient ``g`` at ``x`` and a ``grad_fn`` on the same minibatch:
 1. ``x_t = x + rho * g`` (``rho * g / (||g|| + 1e-12)`` with ``normalize=True``);
 2. ``c, M = compressor(x_t)``: mask from the magnitudes of the perturbed point,
    recomputed every step (one compression level sampled per step);
-3. ``g2 = grad_fn(c)``, masked to ``M * g2`` when ``sparse_grad``;
+3. ``g2 = grad_fn(c, 0)``, masked to ``M * g2`` when ``sparse_grad``;
 4. ``G = g2 + g`` (CrAM+, a sum) or ``G = g2``;
 5. the wrapped optimizer's update for ``G`` at the original ``x``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -45,6 +46,28 @@ def _pmean(tree: Any, axis_name: str | None) -> Any:
   return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
 
+def _check_grad_fn_arity(grad_fn: Callable[..., Any], params: Any) -> None:
+  """Raises a TypeError if ``grad_fn`` cannot be called as ``(params, 0)``.
+
+  Callables without an inspectable signature are let through (a wrong one then
+  fails where it is called).
+  """
+  try:
+    signature = inspect.signature(grad_fn)
+  except (TypeError, ValueError):
+    return
+  try:
+    signature.bind(params, 0)
+  except TypeError:
+    name = getattr(grad_fn, "__name__", type(grad_fn).__name__)
+    raise TypeError(
+        f"cram: grad_fn is called as grad_fn(params, i) like "
+        f"optax.contrib.sam(opaque_mode=True) (i = 0, the one ascent step), "
+        f"but {name}{signature} cannot take two arguments; write "
+        "`lambda p, _: ...` or `def grad_fn(params, i): ...`"
+    ) from None
+
+
 def cram(
     optimizer: optax.GradientTransformation,
     compressor: base.Compressor,
@@ -59,10 +82,19 @@ def cram(
 ) -> optax.GradientTransformationExtraArgs:
   """Compression-Aware Minimization around any optax optimizer.
 
+  The update follows the contract of ``optax.contrib.sam(...,
+  opaque_mode=True)``, so a train step written for SAM runs CrAM unchanged:
   ``update(grads, state, params, *, grad_fn, **extra_args)`` takes the clean
-  gradient ``grads`` at ``params`` and ``grad_fn(params) -> grads``, the gradient
-  of the loss on the same minibatch, and returns the wrapped optimizer's updates
-  for the CrAM gradient ``G`` (applied at ``params``: the perturbation is undone).
+  gradient ``grads`` at ``params`` and ``grad_fn(params, i) -> grads``, the
+  gradient of the loss on the same minibatch (CrAM makes one ascent step and
+  calls it once, with ``i = 0``, as SAM with ``sync_period=2`` does). It returns
+  the wrapped optimizer's updates for the CrAM gradient ``G`` (applied at
+  ``params``: the perturbation is undone).
+
+  Under ``pmap``/``shard_map`` the caller averages ``grads`` over the replicas
+  before calling ``update`` (as for SAM), and ``batch_axis_name`` makes CrAM
+  average ``grad_fn``'s result; every replica then perturbs with the global
+  gradient, computes the same mask and the same ``G``.
 
   Args:
     optimizer: the base optimizer; the reference uses
@@ -77,11 +109,15 @@ def cram(
       (the exact derivative of ``w -> M * w``); False is straight-through.
     normalize: SAM's rule ``rho * g / ||g||`` instead of CrAM's ``rho * g``.
     key: int seed or PRNG key for sampling compression levels.
-    batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis: both
-      gradients are ``pmean``-ed over it, so every replica perturbs with the
-      global gradient and computes the same mask. Not needed under plain ``jit``.
-    local_perturbation: with ``batch_axis_name``, perturb each replica with its
-      own gradient ("m-sharpness"); masks then differ between replicas.
+    batch_axis_name: under ``pmap``/``shard_map``, the data-parallel axis:
+      ``grad_fn``'s result is ``pmean``-ed over it (``grads`` is taken as
+      already averaged by the caller, as in optax's SAM). Not needed under
+      plain ``jit``.
+    local_perturbation: "m-sharpness", with ``batch_axis_name``: the caller
+      passes each replica's LOCAL (not averaged) clean gradient; each replica
+      perturbs with its own, so masks differ between replicas; CrAM averages
+      each replica's masked second gradient and (for the CrAM+ sum) the clean
+      gradient, so ``G`` (hence the params) stays the same on every replica.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; unknown extra arguments are
@@ -91,8 +127,9 @@ def cram(
     TypeError, ValueError: at once for a bad option (an optimizer factory
       passed uncalled, a compressor factory passed uncalled, a ``rho`` that is
       not a finite non-negative number or a callable, ...). In ``update``, at
-      trace time under ``jit`` (static shapes only, nothing per step): when
-      ``grads``, ``grad_fn``'s output, the compressed params or the masks do
+      trace time under ``jit`` (static shapes only, nothing per step): a
+      ``TypeError`` when ``grad_fn`` cannot be called as ``grad_fn(params, i)``
+      (a one-argument function); a ``ValueError`` when ``grads``, ``grad_fn``'s output, the compressed params or the masks do
       not match ``params`` leaf for leaf (the error names the first leaf and
       both shapes), or when ``params`` has a non-float leaf.
 
@@ -103,8 +140,9 @@ def cram(
   Example::
 
     tx = cram(optax.sgd(0.1, momentum=0.9), global_magnitude([0.5, 0.7, 0.9]), rho=0.05)
-    grad_fn = lambda p: jax.grad(loss)(p, batch)
-    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    grad_fn = lambda p, _: jax.grad(loss)(p, batch)
+    grads = jax.grad(loss)(params, batch)  # pmean it over replicas under pmap
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
     params = optax.apply_updates(params, updates)
   """
   owner = "cram"
@@ -154,7 +192,7 @@ def cram(
       state: CrAMState,
       params: optax.Params | None = None,
       *,
-      grad_fn: Callable[[optax.Params], optax.Updates] | None = None,
+      grad_fn: Callable[[optax.Params, int], optax.Updates] | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, CrAMState]:
     if params is None:
@@ -173,16 +211,19 @@ def cram(
       )
     if not callable(grad_fn):
       raise TypeError(
-          f"cram: grad_fn must be callable params -> grads, got "
+          f"cram: grad_fn must be callable (params, i) -> grads, got "
           f"{validate.short(grad_fn)}"
       )
+    _check_grad_fn_arity(grad_fn, params)
     # Static shape/dtype checks: trace time only under jit.
     validate.check_floating_tree(params, owner=owner)
     updates = validate.check_same_tree(
         params, updates, owner=owner, other_name="grads (updates)"
     )
-    clean = _pmean(updates, batch_axis_name)
-    direction = updates if local_perturbation else clean
+    # The caller averaged `updates` over replicas, except with m-sharpness,
+    # where it is local: the perturbation uses it as is, the CrAM+ sum its mean.
+    direction = updates
+    clean = _pmean(updates, batch_axis_name) if local_perturbation else updates
     if normalize:
       norm = optax_tree.norm(direction)
       direction = jax.tree.map(
@@ -212,13 +253,15 @@ def cram(
     )
     compressed_grads = validate.check_same_tree(
         params,
-        grad_fn(compressed),
+        grad_fn(compressed, 0),
         owner=owner,
         other_name="grad_fn(compressed params)",
     )
-    compressed_grads = _pmean(compressed_grads, batch_axis_name)
+    # Masked before the mean: with m-sharpness each replica has its own mask,
+    # and G must still be the same on every replica.
     if sparse_grad:
       compressed_grads = base.apply_masks(masks, compressed_grads, owner=owner)
+    compressed_grads = _pmean(compressed_grads, batch_axis_name)
     cram_grads = (
         jax.tree.map(jnp.add, compressed_grads, clean)
         if plus

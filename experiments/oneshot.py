@@ -106,7 +106,7 @@ def calibration_images(run: train_lib.Run) -> list[Any]:
   """docs/method.md section 5: batches from 1000 random training images, training augmentation."""
   config = run.config
   source = data_lib.open_source(
-      config.dataset, config.train_split, data_dir=config.get("data_dir")
+      config.dataset, config.train_split, data_dir=config.data_dir
   )
   rng = np.random.default_rng(config.seed)
   chosen = rng.choice(
@@ -122,7 +122,7 @@ def calibration_images(run: train_lib.Run) -> list[Any]:
       batch_size=batch_size,
       train=True,
       seed=config.seed,
-      **dict(config.get("data_options", {})),
+      **dict(config.data_options),
   )
   inputs = []
   for _ in range(config.oneshot.bn_batches):
@@ -163,11 +163,12 @@ def sweep(
   config.parallel = (
       "jit"  # evaluation is the same either way; BN re-estimation needs no axis
   )
+  config.cram.local_perturbation = False  # a pmap-only training option
   for key, value in (override or {}).items():
     config.oneshot[key] = value
   start = time.perf_counter()
   run, state = train_lib.load_final(workdir, config)
-  method = config.get("name") or config.optimizer
+  method = train_lib.method_label(config)
   model, dataset = model_and_dataset(config)
   metric = run.task.metric
   eval_fn = run.parallel.compile_eval(run.task.eval_outputs)

@@ -1,16 +1,11 @@
-"""Optimisers by name, with the paper's learning-rate schedule.
+"""The optimiser a config's fields describe, with the paper's learning-rate schedule.
 
-| name | what |
-|---|---|
-| `sgd` | SGD, momentum 0.9, coupled weight decay (the reference base optimiser) |
-| `adamw` | AdamW, decoupled weight decay (not on biases and LayerNorm) |
-| `sam` | `optax.contrib.sam` around the base, SAM's normalised ascent step |
-| `cram` | CrAM at one global sparsity (`config.sparsity`) |
-| `cram+` | CrAM+ (adds the clean gradient) at `config.sparsity` |
-| `cram+-multi` | CrAM+ with a sparsity sampled per step from `config.sparsities` |
-| `cram+-nm` | CrAM+ with 2:4 or 4:8 (`config.nm_patterns`), probability 1/2 each |
-
-The base of the CrAM and SAM variants is `config.base_optimizer` (`sgd` or `adamw`).
+`config.optimizer.base` ('sgd' | 'adamw') is the optimiser that takes the step;
+`config.optimizer.wrapper` wraps it: 'none', 'sam' (`optax.contrib.sam`, opaque
+mode, SAM's normalised ascent of `config.sam.rho`) or 'cram' (`cram_jax.cram`
+with `config.cram.*`). Every result takes the same call,
+`tx.update(grads, state, params, grad_fn=grad_fn)` with `grad_fn(params, i)`
+(the base optimisers ignore `grad_fn`), so one train step serves all.
 """
 
 from __future__ import annotations
@@ -26,7 +21,9 @@ import optax
 import cram_jax
 from cram_jax import compress
 
-NAMES = ("sgd", "adamw", "sam", "cram", "cram+", "cram+-multi", "cram+-nm")
+BASES = ("sgd", "adamw")
+WRAPPERS = ("none", "sam", "cram")
+COMPRESSORS = ("global", "layerwise", "nm", "quantize")
 
 
 def learning_rate_schedule(
@@ -34,10 +31,10 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
   """Linear warm-up, then cosine decay to 0; stepped per epoch when
   `config.schedule_per_epoch` (the reference), else per step."""
-  base_lr = config.learning_rate
+  base_lr = config.optimizer.learning_rate
   total = config.num_epochs * steps_per_epoch
   warmup = config.warmup_epochs * steps_per_epoch
-  per_epoch = bool(config.get("schedule_per_epoch", True))
+  per_epoch = config.schedule_per_epoch
 
   def schedule(step):
     position = jnp.asarray(step, jnp.float32)
@@ -60,47 +57,74 @@ def _decay_mask(params: Any) -> Any:
 
 
 def base_optimizer(
-    config: ml_collections.ConfigDict, name: str, schedule: optax.Schedule
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-  if name == "sgd":
+  """`config.optimizer.base` with its hyperparameters."""
+  opt = config.optimizer
+  if opt.base == "sgd":
     return optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.sgd(schedule, momentum=config.get("momentum", 0.9)),
+        optax.add_decayed_weights(opt.weight_decay),
+        optax.sgd(schedule, momentum=opt.momentum),
     )
-  if name == "adamw":
+  if opt.base == "adamw":
     return optax.adamw(
         schedule,
-        b1=config.get("b1", 0.9),
-        b2=config.get("b2", 0.999),
-        eps=config.get("eps", 1e-8),
-        weight_decay=config.weight_decay,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
         mask=_decay_mask,
     )
   raise ValueError(
-      f"base_optimizer: {name!r} is not a base optimiser; use 'sgd' or 'adamw'"
+      f"base_optimizer: config.optimizer.base={opt.base!r} is not one of "
+      f"{BASES}"
   )
+
+
+def _levels(values) -> Any:
+  """One level as a number (no sampling), several as a list (one per step)."""
+  values = list(values)
+  return values[0] if len(values) == 1 else values
+
+
+def _one_per_step(compressors):
+  """One compressor as is, several drawn uniformly per step."""
+  if len(compressors) == 1:
+    return compressors[0]
+  return compress.random_choice(compressors)
 
 
 def compressor_for(
     config: ml_collections.ConfigDict,
-    name: str,
     select: compress.Selection | None = None,
 ):
-  """The compressor CrAM uses during training, for optimiser `name`."""
+  """The compressor CrAM uses during training: `config.cram.compressor`."""
   select = select or compress.Selection()
-  if name in ("cram", "cram+"):
-    return compress.global_magnitude(config.sparsity, select=select)
-  if name == "cram+-multi":
-    return compress.global_magnitude(list(config.sparsities), select=select)
-  if name == "cram+-nm":
+  kind = config.cram.compressor
+  if kind == "global":
+    return compress.global_magnitude(
+        _levels(config.cram.sparsities), select=select
+    )
+  if kind == "layerwise":
+    return compress.layerwise_magnitude(
+        _levels(config.cram.sparsities), select=select
+    )
+  if kind == "nm":
     # A layer whose input axis does not divide by M (the RGB stem) stays dense.
-    return compress.random_choice(
+    return _one_per_step(
         [
             compress.n_of_m(n, m, on_indivisible="skip", select=select)
-            for n, m in config.nm_patterns
+            for n, m in config.cram.nm_patterns
         ]
     )
-  raise ValueError(f"compressor_for: {name!r} is not a CrAM optimiser")
+  if kind == "quantize":
+    return _one_per_step(
+        [compress.quantize(bits, select=select) for bits in config.cram.bits]
+    )
+  raise ValueError(
+      f"compressor_for: config.cram.compressor={kind!r} is not one of "
+      f"{COMPRESSORS}"
+  )
 
 
 def make_optimizer(
@@ -109,25 +133,27 @@ def make_optimizer(
     *,
     select: compress.Selection | None = None,
     batch_axis_name: str | None = None,
-) -> optax.GradientTransformation:
-  """Builds `config.optimizer` (see the module table).
+) -> optax.GradientTransformationExtraArgs:
+  """Builds the optimiser of `config.optimizer`, `config.sam`, `config.cram`.
 
   Args:
-    config: the run's config (`optimizer`, `learning_rate`, `weight_decay`, `rho`,
-      `sparsity`/`sparsities`/`nm_patterns`, `num_epochs`, `warmup_epochs`, ...).
+    config: the run's config (see experiments/configs/common.py).
     steps_per_epoch: for the schedule.
     select: which leaves CrAM compresses (the model's default selection).
-    batch_axis_name: the pmap axis, so SAM and CrAM average their second gradient.
+    batch_axis_name: the pmap axis, so SAM and CrAM average their second
+      gradient (the caller averages the clean one).
   """
-  name = config.optimizer
-  if name not in NAMES:
-    raise ValueError(f"config.optimizer={name!r} is not one of {NAMES}")
-  schedule = learning_rate_schedule(config, steps_per_epoch)
-  if name in ("sgd", "adamw"):
-    return base_optimizer(config, name, schedule)
-  base = base_optimizer(config, config.get("base_optimizer", "sgd"), schedule)
-  if name == "sam":
-    ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.rho))
+  wrapper = config.optimizer.wrapper
+  if wrapper not in WRAPPERS:
+    raise ValueError(
+        f"make_optimizer: config.optimizer.wrapper={wrapper!r} is not one of "
+        f"{WRAPPERS}"
+    )
+  base = base_optimizer(config, learning_rate_schedule(config, steps_per_epoch))
+  if wrapper == "none":  # ignores grad_fn: one train step for all
+    return optax.with_extra_args_support(base)
+  if wrapper == "sam":
+    ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam.rho))
     return optax.contrib.sam(
         base,
         ascent,
@@ -137,15 +163,10 @@ def make_optimizer(
     )
   return cram_jax.cram(
       base,
-      compressor_for(config, name, select),
-      rho=config.rho,
-      plus=name != "cram",
+      compressor_for(config, select),
+      rho=config.cram.rho,
+      plus=config.cram.plus,
       key=config.seed,
       batch_axis_name=batch_axis_name,
-      local_perturbation=bool(config.get("local_perturbation", False)),
+      local_perturbation=config.cram.local_perturbation,
   )
-
-
-def uses_second_gradient(name: str) -> bool:
-  """SAM and the CrAM variants need `grad_fn` in `update`."""
-  return name not in ("sgd", "adamw")

@@ -30,13 +30,13 @@ def initialize_distributed(config) -> None:
   On Cloud TPU and SLURM, JAX finds coordinator and process ids on its own; elsewhere
   set `config.distributed.coordinator_address`, `num_processes` and `process_id`.
   """
-  dist = config.get("distributed")
-  if not dist or not dist.get("enabled", False):
+  dist = config.distributed
+  if not dist.enabled:
     return
   kwargs = {
       k: dist[k]
       for k in ("coordinator_address", "num_processes", "process_id")
-      if dist.get(k) is not None
+      if dist[k] is not None
   }
   jax.distributed.initialize(**kwargs)
 
@@ -155,8 +155,8 @@ def _first_shard(x: Any) -> np.ndarray:
 
 def make_parallel(config) -> MeshParallel | PmapParallel:
   """`config.parallel` ('jit' or 'pmap') over `config.num_devices` devices (0: all)."""
-  mode = config.get("parallel", "jit")
-  count = config.get("num_devices", 0)
+  mode = config.parallel
+  count = config.num_devices
   if mode == "jit":
     devices = jax.devices()
   elif mode == "pmap":

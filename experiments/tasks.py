@@ -105,9 +105,9 @@ def vision_task(
     )
   model = factory(
       num_classes=config.num_classes,
-      dtype=DTYPES[config.get("dtype", "float32")],
+      dtype=DTYPES[config.dtype],
       bn_axis_name=bn_axis_name,
-      **dict(config.get("model_kwargs", {})),
+      **dict(config.model_kwargs),
   )
 
   def eval_outputs(variables, batch):
@@ -167,7 +167,7 @@ def _span_loss(outputs, batch):
 
 def bert_config(config: ml_collections.ConfigDict) -> models.BertConfig:
   preset = getattr(models.BertConfig, config.bert.size)
-  return preset(**dict(config.bert.get("overrides", {})))
+  return preset(**dict(config.bert.overrides))
 
 
 def squad_task(
@@ -175,7 +175,7 @@ def squad_task(
 ) -> Task:
   del bn_axis_name  # BERT has no BatchNorm
   model = models.BertForQuestionAnswering(
-      bert_config(config), dtype=DTYPES[config.get("dtype", "float32")]
+      bert_config(config), dtype=DTYPES[config.dtype]
   )
   examples_cache: dict[str, Any] = {}
 
@@ -192,7 +192,7 @@ def squad_task(
   def summarise(outputs):
     if "examples" not in examples_cache:
       examples_cache["examples"] = open_source(
-          config.dataset, config.eval_split, data_dir=config.get("data_dir")
+          config.dataset, config.eval_split, data_dir=config.data_dir
       )
     examples = examples_cache["examples"]
     cat = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
@@ -243,7 +243,7 @@ def make_task(
 
 def load_pretrained(config: ml_collections.ConfigDict, params: Any) -> Any:
   """BERT: import `config.init_checkpoint` (Hugging Face safetensors), keeping a fresh QA head."""
-  path = config.get("init_checkpoint")
+  path = config.init_checkpoint
   if not path:
     return params
   return models.load_bert(

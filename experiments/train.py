@@ -147,6 +147,45 @@ def _check_sparsity(name: str, value: Any) -> None:
     )
 
 
+def _check_sequence(config, name: str, what: str) -> Sequence[Any]:
+  value = _value(config, name)
+  if isinstance(value, str) or not isinstance(value, Sequence) or not value:
+    raise cli.ConfigError(
+        f"config.{name} must be a non-empty sequence of {what}, got {value!r}"
+    )
+  return value
+
+
+def _check_cram(config) -> None:
+  _check_number(config, "cram.rho", low=0.0)
+  _check_bool(config, "cram.plus")
+  _check_choice(config, "cram.compressor", optimizers.COMPRESSORS)
+  kind = config.cram.compressor
+  if kind in ("global", "layerwise"):
+    levels = _check_sequence(config, "cram.sparsities", "sparsities in [0, 1)")
+    for i, level in enumerate(levels):
+      _check_sparsity(f"cram.sparsities[{i}]", level)
+  elif kind == "nm":
+    patterns = _check_sequence(config, "cram.nm_patterns", "(n, m) pairs")
+    for i, pattern in enumerate(patterns):
+      if not (
+          isinstance(pattern, Sequence)
+          and len(pattern) == 2
+          and all(_is_int(v) for v in pattern)
+          and 1 <= pattern[0] <= pattern[1]
+      ):
+        raise cli.ConfigError(
+            f"config.cram.nm_patterns[{i}] must be a pair of ints (n, m) with "
+            f"1 <= n <= m, got {pattern!r}"
+        )
+  else:
+    for i, bits in enumerate(_check_sequence(config, "cram.bits", "ints")):
+      if not _is_int(bits) or not 2 <= bits <= 16:
+        raise cli.ConfigError(
+            f"config.cram.bits[{i}] must be an int in [2, 16], got {bits!r}"
+        )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field the runner reads, before anything is built or compiled.
 
@@ -180,63 +219,31 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"config.{name} must be a non-empty string, got {value!r}"
       )
 
-  # The method and its hyperparameters.
-  _check_choice(config, "optimizer", optimizers.NAMES)
-  name = config.optimizer
-  if optimizers.uses_second_gradient(name):
-    _check_choice(config, "base_optimizer", ("sgd", "adamw"))
-    _check_number(config, "rho", low=0.0)
-  _check_number(config, "learning_rate", low=0.0, open_low=True)
-  _check_number(config, "weight_decay", low=0.0)
-  if "momentum" in config:
-    _check_number(config, "momentum", low=0.0, high=1.0)
-  if name in ("cram", "cram+"):
-    _check_sparsity("sparsity", _value(config, "sparsity"))
-  if name == "cram+-multi":
-    levels = _value(config, "sparsities")
-    if (
-        isinstance(levels, str)
-        or not isinstance(levels, Sequence)
-        or not levels
-    ):
-      raise cli.ConfigError(
-          f"config.sparsities must be a non-empty sequence of sparsities in "
-          f"[0, 1), got {levels!r}"
-      )
-    for i, level in enumerate(levels):
-      _check_sparsity(f"sparsities[{i}]", level)
-  if name == "cram+-nm":
-    patterns = _value(config, "nm_patterns")
-    if (
-        isinstance(patterns, str)
-        or not isinstance(patterns, Sequence)
-        or not patterns
-    ):
-      raise cli.ConfigError(
-          f"config.nm_patterns must be a non-empty sequence of (n, m) pairs, "
-          f"got {patterns!r}"
-      )
-    for i, pattern in enumerate(patterns):
-      if not (
-          isinstance(pattern, Sequence)
-          and len(pattern) == 2
-          and all(_is_int(v) for v in pattern)
-          and 1 <= pattern[0] <= pattern[1]
-      ):
-        raise cli.ConfigError(
-            f"config.nm_patterns[{i}] must be a pair of ints (n, m) with "
-            f"1 <= n <= m, got {pattern!r}"
-        )
-  if "local_perturbation" in config:
-    _check_bool(config, "local_perturbation")
-    if config.local_perturbation and (
-        not name.startswith("cram") or config.get("parallel") != "pmap"
-    ):
-      raise cli.ConfigError(
-          "config.local_perturbation=True needs a CrAM optimizer and "
-          f"config.parallel='pmap', got optimizer={name!r}, "
-          f"parallel={config.get('parallel')!r}"
-      )
+  # The method and its hyperparameters (experiments/optimizers.py).
+  _check_choice(config, "optimizer.base", optimizers.BASES)
+  _check_choice(config, "optimizer.wrapper", optimizers.WRAPPERS)
+  _check_number(config, "optimizer.learning_rate", low=0.0, open_low=True)
+  _check_number(config, "optimizer.weight_decay", low=0.0)
+  if config.optimizer.base == "sgd":
+    _check_number(config, "optimizer.momentum", low=0.0, high=1.0)
+  else:
+    _check_number(config, "optimizer.b1", low=0.0, high=1.0)
+    _check_number(config, "optimizer.b2", low=0.0, high=1.0)
+    _check_number(config, "optimizer.eps", low=0.0)
+  wrapper = config.optimizer.wrapper
+  if wrapper == "sam":
+    _check_number(config, "sam.rho", low=0.0)
+  if wrapper == "cram":
+    _check_cram(config)
+  _check_bool(config, "cram.local_perturbation")
+  if config.cram.local_perturbation and (
+      wrapper != "cram" or config.parallel != "pmap"
+  ):
+    raise cli.ConfigError(
+        "config.cram.local_perturbation=True needs "
+        "config.optimizer.wrapper='cram' and config.parallel='pmap', got "
+        f"wrapper={wrapper!r}, parallel={config.parallel!r}"
+    )
 
   # Length and batches.
   _check_int(config, "num_epochs", 1)
@@ -247,8 +254,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.warmup_epochs={config.warmup_epochs!r} is longer than "
         f"config.num_epochs={config.num_epochs!r}"
     )
-  if "schedule_per_epoch" in config:
-    _check_bool(config, "schedule_per_epoch")
+  _check_bool(config, "schedule_per_epoch")
   _check_int(config, "batch_size", 1)
   _check_int(config, "eval_batch_size", 1)
   _check_int(config, "seed", 0)
@@ -259,11 +265,21 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_int(config, "checkpoint_every_steps", 1)
   _check_int(config, "keep_checkpoints", 1)
   _check_int(config, "log_every_steps", 1)
-  for field, minimum in (("prefetch", 1), ("data_threads", 0)):
-    if field in config:
-      _check_int(config, field, minimum)
-  if "progress" in config:
-    _check_bool(config, "progress")
+  _check_int(config, "prefetch", 1)
+  _check_int(config, "data_threads", 0)
+  _check_bool(config, "progress")
+
+
+def method_label(config: ml_collections.ConfigDict) -> str:
+  """The method's preset name, else a description from its fields."""
+  if config.name:
+    return config.name
+  opt = config.optimizer
+  if opt.wrapper == "none":
+    return opt.base
+  if opt.wrapper == "sam":
+    return f"sam({opt.base})"
+  return f"cram{'+' if config.cram.plus else ''}-{config.cram.compressor}({opt.base})"
 
 
 # ------------------------------------------------------------------ the workdir
@@ -417,10 +433,10 @@ def train_data_kwargs(
       batch_size=batch_size,
       train=True,
       seed=config.seed,
-      data_dir=config.get("data_dir"),
+      data_dir=config.data_dir,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
-      **dict(config.get("data_options", {})),
+      **dict(config.data_options),
   )
 
 
@@ -450,16 +466,16 @@ def build(config: ml_collections.ConfigDict) -> Run:
         **train_data_kwargs(config, process_batch),
     )
     split = config.eval_split  # opened now, not at the end of the first epoch
-    data_lib.open_source(config.dataset, split, data_dir=config.get("data_dir"))
+    data_lib.open_source(config.dataset, split, data_dir=config.data_dir)
   except (ValueError, FileNotFoundError) as e:
     # cram_jax.data checks its arguments (batch size against the split, data
     # options, the dataset's presence): here they come from the config.
     raise cli.ConfigError(
         f"config.dataset={config.dataset!r} (split {split!r}, "
-        f"data_dir {config.get('data_dir')!r}): {e}"
+        f"data_dir {config.data_dir!r}): {e}"
     ) from e
   steps_per_epoch = len(one_epoch)
-  total = config.get("num_train_steps") or config.num_epochs * steps_per_epoch
+  total = config.num_train_steps or config.num_epochs * steps_per_epoch
   tx = optimizers.make_optimizer(
       config,
       steps_per_epoch,
@@ -488,7 +504,7 @@ def init_state(run: Run, sample_batch: dict[str, np.ndarray]) -> State:
   """Fresh state on the host: params (maybe pretrained), BN statistics, optimiser state."""
   # One compilation, instead of one per optimiser-state leaf.
   state = jax.jit(lambda b: fresh_state(run, b))(sample_batch)
-  if run.config.get("init_checkpoint"):
+  if run.config.init_checkpoint:
     state["params"] = tasks.load_pretrained(run.config, state["params"])
     state["opt_state"] = jax.jit(run.tx.init)(state["params"])
   return state
@@ -510,12 +526,16 @@ def device_keys(
 
 
 def make_train_step(run: Run):
+  """One pure train step for every method.
+
+  SGD and AdamW ignore `grad_fn`; SAM and CrAM share the contract of
+  `optax.contrib.sam(opaque_mode=True)`: the clean gradient averaged over
+  replicas by the caller, `grad_fn(params, i)` averaged by the optimizer.
+  With m-sharpness (`config.cram.local_perturbation`) the clean gradient stays local:
+  CrAM perturbs with it and averages it itself.
+  """
   task, tx, axis = run.task, run.tx, run.parallel.axis_name
-  name = run.config.optimizer
-  second_gradient = optimizers.uses_second_gradient(name)
-  averages_itself = name.startswith(
-      "cram"
-  )  # CrAM pmeans (or not: m-sharpness) inside
+  average_clean = axis is not None and not run.config.cram.local_perturbation
 
   def step(state: State, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(
@@ -530,17 +550,15 @@ def make_train_step(run: Run):
     (_, (batch_stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True
     )(state["params"], state["batch_stats"])
-    if axis is not None and not averages_itself:
+    if average_clean:
       grads = jax.lax.pmean(grads, axis)
-    extra = {}
-    if second_gradient:
-      # Same batch, train mode, statistics from this pass dropped. `_` lets SAM pass
-      # its step index; CrAM calls grad_fn(params).
-      extra["grad_fn"] = lambda p, _=0: jax.grad(loss_fn, has_aux=True)(
-          p, state["batch_stats"]
-      )[0]
+
+    def grad_fn(params, _):
+      # Same batch, train mode; this pass's BatchNorm statistics are dropped.
+      return jax.grad(loss_fn, has_aux=True)(params, state["batch_stats"])[0]
+
     updates, opt_state = tx.update(
-        grads, state["opt_state"], state["params"], **extra
+        grads, state["opt_state"], state["params"], grad_fn=grad_fn
     )
     new_state = {
         "step": state["step"] + 1,
@@ -565,10 +583,10 @@ def evaluate(
       split or config.eval_split,
       batch_size=batch_size,
       train=False,
-      data_dir=config.get("data_dir"),
+      data_dir=config.data_dir,
       shard_index=jax.process_index(),
       shard_count=jax.process_count(),
-      **dict(config.get("data_options", {})),
+      **dict(config.data_options),
   )
   outputs = []
   for batch in iterator:
@@ -641,7 +659,7 @@ def train_and_evaluate(
   train_iter = data_lib.make_pipeline(
       config.dataset,
       config.train_split,
-      num_threads=config.get("data_threads", 0),
+      num_threads=config.data_threads,
       **kwargs,
   )
   sample = device_keys(
@@ -692,10 +710,10 @@ def train_and_evaluate(
       run.total_steps,
       config.batch_size,
       start_step=start_step,
-      enabled=primary and config.get("progress", True),
+      enabled=primary and config.progress,
   )
   progress.message(
-      f"{config.get('name') or config.optimizer}: {run.total_steps} steps "
+      f"{method_label(config)}: {run.total_steps} steps "
       f"({run.steps_per_epoch}/epoch) on {run.parallel.num_replicas} device(s), "
       f"{type(run.parallel).__name__}"
       + (f", resumed at step {start_step}" if start_step else "")
@@ -703,7 +721,7 @@ def train_and_evaluate(
   prefetcher = parallel_lib.DevicePrefetcher(
       train_iter,
       lambda b: run.parallel.place_batch(device_keys(run.task, b)),
-      size=config.get("prefetch", 2),
+      size=config.prefetch,
   )
   pending: list[Any] = []
   last_eval: dict[str, float] = {}

@@ -45,7 +45,7 @@ def train_state(seed=0):
       lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params
   )
   _, opt_state = tx.update(
-      grads, opt_state, params, grad_fn=lambda p: grads
+      grads, opt_state, params, grad_fn=lambda p, _: grads
   )  # nonzero trace
   return {
       "step": jnp.int32(1),

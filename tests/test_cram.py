@@ -2,6 +2,7 @@
 computed by hand in NumPy on a quadratic, and a NumPy re-implementation of a
 whole multi-step run on a tiny MLP."""
 
+import functools
 import itertools
 
 import flax.linen as nn
@@ -79,7 +80,9 @@ def run_jax(tx, params, data, make_grad_fn):
   @jax.jit
   def step(params, state, x, y):
     grad_fn = make_grad_fn(x, y)
-    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    updates, state = tx.update(
+        grad_fn(params, 0), state, params, grad_fn=grad_fn
+    )
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
@@ -113,13 +116,13 @@ def test_identity_compression_equals_optax_sam_opaque_mode():
       ours,
       mlp_params(),
       data,
-      lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)),
+      lambda x, y: jax.grad(lambda p, _: mlp_loss(p, x, y)),
   )
   want = run_jax(
       sam,
       mlp_params(),
       data,
-      lambda x, y: jax.grad(lambda p, _=None: mlp_loss(p, x, y)),
+      lambda x, y: jax.grad(lambda p, _: mlp_loss(p, x, y)),
   )
   for a, b in zip(got, want):
     jax.tree.map(
@@ -186,9 +189,9 @@ def test_quadratic_update_equals_hand_computed_formula(
       "w": jnp.asarray(w0, jnp.float32),
       "v": jnp.asarray(v0, jnp.float32),
   }
-  grad_fn = jax.grad(loss)
+  grad_fn = jax.grad(lambda p, _: loss(p))
   updates, state = jax.jit(
-      lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+      lambda p, s: tx.update(grad_fn(p, 0), s, p, grad_fn=grad_fn)
   )(params, tx.init(params))
   got = np.concatenate(
       [np.asarray(updates["w"]).ravel(), np.asarray(updates["v"])]
@@ -212,7 +215,10 @@ def test_multi_step_mlp_matches_numpy_reimplementation(sparsity):
       rho=rho,
   )
   got = run_jax(
-      tx, mlp_params(), data, lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y))
+      tx,
+      mlp_params(),
+      data,
+      lambda x, y: jax.grad(lambda p, _: mlp_loss(p, x, y)),
   )
 
   # docs/method.md section 2, step by step, with NumPy only.
@@ -265,8 +271,8 @@ def test_rho_schedule_and_state_with_optax_tree_utilities():
   params = jax.tree.map(jnp.asarray, mlp_params())
   state = tx.init(params)
   assert isinstance(state, CrAMState)
-  grad_fn = jax.grad(lambda p: mlp_loss(p, *batches(1)[0]))
-  step = jax.jit(lambda p, s: tx.update(grad_fn(p), s, p, grad_fn=grad_fn))
+  grad_fn = jax.grad(lambda p, _: mlp_loss(p, *batches(1)[0]))
+  step = jax.jit(lambda p, s: tx.update(grad_fn(p, 0), s, p, grad_fn=grad_fn))
   for _ in range(3):
     _, new_state = step(params, state)
     seen.append(np.asarray(new_state.key))
@@ -279,18 +285,18 @@ def test_rho_schedule_and_state_with_optax_tree_utilities():
 
 def test_composes_with_optax_chain_and_forwards_extra_args():
   params = jax.tree.map(jnp.asarray, mlp_params())
-  grad_fn = jax.grad(lambda p: mlp_loss(p, *batches(1)[0]))
+  grad_fn = jax.grad(lambda p, _: mlp_loss(p, *batches(1)[0]))
   inner = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.05)
   chained = optax.chain(optax.clip_by_global_norm(1e9), inner)
   u1, _ = chained.update(
-      grad_fn(params),
+      grad_fn(params, 0),
       chained.init(params),
       params,
       grad_fn=grad_fn,
       unrelated_arg=1,
   )
   u2, _ = inner.update(
-      grad_fn(params), inner.init(params), params, grad_fn=grad_fn
+      grad_fn(params, 0), inner.init(params), params, grad_fn=grad_fn
   )
   jax.tree.map(np.testing.assert_allclose, u1, u2)
 
@@ -300,7 +306,7 @@ def test_flax_nnx_optimizer_forwards_grad_fn():
   x, y = batches(1)[0]
   graphdef, _ = nnx.split(model)
 
-  def loss_pure(p):
+  def loss_pure(p, _=0):  # the step index cram passes
     return jnp.mean((nnx.merge(graphdef, p)(x) - y) ** 2)
 
   tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.2)
@@ -357,7 +363,7 @@ def test_readme_train_step_keeps_batch_stats_from_the_clean_pass():
     )
 
     # The compressed pass also runs in train mode, but its statistics are dropped.
-    def grad_fn(p):
+    def grad_fn(p, _):
       return jax.grad(loss_fn, has_aux=True)(p, batch_stats)[0]
 
     updates, opt_state = tx.update(grads, opt_state, params, grad_fn=grad_fn)
@@ -401,16 +407,16 @@ def test_pmap_with_batch_axis_name_equals_single_large_batch():
       make_tx(None),
       mlp_params(),
       data,
-      lambda x, y: jax.grad(lambda p: mlp_loss(p, x, y)),
+      lambda x, y: jax.grad(lambda p, _: mlp_loss(p, x, y)),
   )
 
   tx = make_tx("batch")
 
   def step(params, state, x, y):
-    grad_fn = jax.grad(
-        lambda p: mlp_loss(p, x, y)
-    )  # per-replica; cram pmeans it
-    updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
+    # Per-replica gradients: the caller averages the clean one, cram the second.
+    grad_fn = jax.grad(lambda p, _: mlp_loss(p, x, y))
+    grads = jax.lax.pmean(grad_fn(params, 0), "batch")
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
     return optax.apply_updates(params, updates), state
 
   pstep = jax.pmap(step, axis_name="batch")
@@ -431,6 +437,129 @@ def test_pmap_with_batch_axis_name_equals_single_large_batch():
     )
 
 
+# ------------------------------------------- one train step, SAM or CrAM
+
+
+def sam_style_train_step(tx, axis_name):
+  """A train step written for ``optax.contrib.sam(opaque_mode=True)``: the
+  caller averages its clean gradient over replicas and passes
+  ``grad_fn(params, i)``. Run unchanged with CrAM."""
+
+  def step(params, state, x, y):
+    loss_fn = lambda p, _: mlp_loss(p, x, y)  # noqa: E731
+    grads = jax.grad(loss_fn)(params, 0)
+    if axis_name is not None:
+      grads = jax.lax.pmean(grads, axis_name)
+    updates, state = tx.update(grads, state, params, grad_fn=jax.grad(loss_fn))
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def recording(compressor, seen):
+  """The compressor, with every mask it returns appended to `seen` (on the host,
+  once per replica under pmap)."""
+
+  def compress_and_record(params, key):
+    compressed, masks = compressor(params, key)
+    jax.debug.callback(
+        lambda m: seen.append(jax.tree.map(np.asarray, m)), masks
+    )
+    return compressed, masks
+
+  return compress_and_record
+
+
+def sam_step_numpy(p, x, y, lr, rho):
+  g = mlp_grad_numpy(p, x, y)
+  norm = np.sqrt(sum(np.sum(v**2) for v in jax.tree.leaves(g)))
+  g2 = mlp_grad_numpy(jax.tree.map(lambda w, d: w + rho * d / norm, p, g), x, y)
+  return jax.tree.map(lambda w, d: w - lr * d, p, g2)
+
+
+def cram_step_numpy(p, x, y, lr, rho, sparsity):
+  """docs/method.md section 2 on the global batch: returns (new params, masks)."""
+  g = mlp_grad_numpy(p, x, y)
+  x_t = jax.tree.map(lambda w, d: w + rho * d, p, g)
+  kernels = [x_t["dense1"]["kernel"], x_t["dense2"]["kernel"]]
+  # The masks are compared exactly: the kept and dropped magnitudes nearest the
+  # threshold must be far apart compared with float32 rounding.
+  flat = np.sort(np.concatenate([np.abs(k).ravel() for k in kernels]))[::-1]
+  keep = round((1 - sparsity) * flat.size)
+  assert flat[keep - 1] - flat[keep] > 1e-4
+  m1, m2 = global_mask_numpy(kernels, sparsity)
+  c = {
+      "dense1": {"kernel": m1 * kernels[0], "bias": x_t["dense1"]["bias"]},
+      "dense2": {"kernel": m2 * kernels[1], "bias": x_t["dense2"]["bias"]},
+  }
+  g2 = mlp_grad_numpy(c, x, y)
+  g2["dense1"]["kernel"] *= m1
+  g2["dense2"]["kernel"] *= m2
+  new = jax.tree.map(lambda w, a, b: w - lr * (a + b), p, g2, g)
+  return new, (m1, m2)
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_one_sam_train_step_runs_sam_and_cram(parallel):
+  n = jax.local_device_count()
+  assert n == 8, "conftest sets 8 simulated CPU devices"
+  lr, rho, sparsity = 0.1, 0.1, 0.7
+  x, y = batches(1, seed=11, size=32)[0]
+  axis = "batch" if parallel == "pmap" else None
+  seen = []
+  optimizers = {
+      "sam": optax.contrib.sam(
+          optax.sgd(lr),
+          optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+          opaque_mode=True,
+          batch_axis_name=axis,
+      ),
+      "cram": cram(
+          optax.sgd(lr),
+          recording(compress.global_magnitude(sparsity), seen),
+          rho=rho,
+          batch_axis_name=axis,
+      ),
+  }
+  got = {}
+  for name, tx in optimizers.items():
+    step = sam_style_train_step(tx, axis)
+    params = jax.tree.map(jnp.asarray, mlp_params())
+    if parallel == "jit":
+      new, _ = jax.jit(step)(params, tx.init(params), x, y)
+    else:
+      replicated = jax.tree.map(lambda w: jnp.stack([w] * n), params)
+      new, _ = jax.pmap(step, axis_name=axis)(
+          replicated,
+          jax.pmap(tx.init)(replicated),
+          x.reshape(n, -1, 4),
+          y.reshape(n, -1, 3),
+      )
+      for leaf in jax.tree.leaves(new):  # every replica holds the same point
+        assert all(np.array_equal(leaf[0], leaf[i]) for i in range(n))
+      new = jax.tree.map(lambda w: w[0], new)
+    got[name] = new
+
+  # Oracles in float64 on the global batch (the mean of equal-sized shards'
+  # mean losses is the global mean loss).
+  p64 = jax.tree.map(np.float64, mlp_params())
+  x64, y64 = x.astype(np.float64), y.astype(np.float64)
+  want_cram, want_masks = cram_step_numpy(p64, x64, y64, lr, rho, sparsity)
+  want = {"sam": sam_step_numpy(p64, x64, y64, lr, rho), "cram": want_cram}
+  for name in want:
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6),
+        got[name],
+        want[name],
+    )
+  jax.block_until_ready(got)
+  assert len(seen) == (n if parallel == "pmap" else 1)
+  for masks in seen:  # every replica drew the global-batch mask
+    assert masks["dense1"]["bias"] is None
+    np.testing.assert_array_equal(masks["dense1"]["kernel"], want_masks[0])
+    np.testing.assert_array_equal(masks["dense2"]["kernel"], want_masks[1])
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -440,14 +569,64 @@ def test_bad_update_calls():
   with pytest.raises(ValueError, match="grad_fn"):
     tx.update(params, tx.init(params), params)
   with pytest.raises(ValueError, match="needs params"):
-    tx.update(params, tx.init(params), None, grad_fn=lambda p: p)
+    tx.update(params, tx.init(params), None, grad_fn=lambda p, _: p)
   with pytest.raises(TypeError, match="grad_fn must be callable"):
     tx.update(params, tx.init(params), params, grad_fn=3)
   with pytest.raises(TypeError, match="state must be the CrAMState"):
-    tx.update(params, {"count": 0}, params, grad_fn=lambda p: p)
+    tx.update(params, {"count": 0}, params, grad_fn=lambda p, _: p)
+  with pytest.raises(TypeError, match="write `lambda p, _: ...`"):
+    tx.update(params, tx.init(params), params, grad_fn=lambda p: p)
   ints = {"k": jnp.ones((4, 4), jnp.int32)}
   with pytest.raises(TypeError, match="params leaf 'k' has dtype int32"):
-    tx.update(ints, tx.init(ints), ints, grad_fn=lambda p: p)
+    tx.update(ints, tx.init(ints), ints, grad_fn=lambda p, _: p)
+
+
+def one_argument_loss(p):
+  return mlp_loss(p, *batches(1)[0])
+
+
+def two_argument_loss(p, x, y):
+  return mlp_loss(p, x, y)
+
+
+@pytest.mark.parametrize(
+    "grad_fn,ok",
+    [
+        (jax.grad(one_argument_loss), False),
+        (lambda p: jax.grad(one_argument_loss)(p), False),
+        (jax.jit(jax.grad(one_argument_loss)), False),
+        (functools.partial(jax.grad(two_argument_loss), x=1, y=2), False),
+        (jax.grad(lambda p, _: one_argument_loss(p)), True),
+        (jax.grad(lambda p, *rest: one_argument_loss(p)), True),
+        (jax.jit(jax.grad(lambda p, i: one_argument_loss(p))), True),
+        (
+            functools.partial(
+                lambda p, i, scale: jax.tree.map(lambda w: scale * w, p),
+                scale=1.0,
+            ),
+            True,
+        ),
+    ],
+)
+def test_grad_fn_must_take_params_and_a_step_index(grad_fn, ok):
+  """SAM's opaque-mode contract: grad_fn(params, i); a one-argument grad_fn is a
+  TypeError at trace time that says how to write it."""
+  params = jax.tree.map(jnp.asarray, mlp_params())
+  tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=0.1)
+
+  def step(p, state):
+    return tx.update(jax.tree.map(jnp.ones_like, p), state, p, grad_fn=grad_fn)
+
+  if ok:
+    jax.eval_shape(step, params, tx.init(params))
+    return
+  with pytest.raises(
+      TypeError,
+      match=r"cram: grad_fn is called as grad_fn\(params, i\) like "
+      r"optax.contrib.sam\(opaque_mode=True\).*write `lambda p, _: ...` or "
+      r"`def grad_fn\(params, i\): ...`",
+  ):
+    jax.eval_shape(step, params, tx.init(params))
 
 
 @pytest.mark.parametrize(
@@ -595,14 +774,16 @@ def test_trees_that_do_not_match_params_are_named(
   without compiling or running anything)."""
   params = jax.tree.map(jnp.asarray, mlp_params())
   x, y = batches(1)[0]
-  clean_grad_fn = lambda p: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
+  clean_grad_fn = lambda p, _=0: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
   tx = cram(
       optax.sgd(0.1),
       compressor or compress.global_magnitude(0.5),
       rho=0.1,
   )
   bad_grad_fn = (
-      clean_grad_fn if grad_fn is None else lambda p: grad_fn(clean_grad_fn(p))
+      clean_grad_fn
+      if grad_fn is None
+      else lambda p, _: grad_fn(clean_grad_fn(p))
   )
 
   def step(p, state):
@@ -624,7 +805,7 @@ def test_bad_schedule_values():
   def update(rho):
     tx = cram(optax.sgd(0.1), compress.global_magnitude(0.5), rho=rho)
     return jax.eval_shape(  # trace time
-        lambda p: tx.update(p, tx.init(p), p, grad_fn=lambda q: q), params
+        lambda p: tx.update(p, tx.init(p), p, grad_fn=lambda q, _: q), params
     )
 
   with pytest.raises(ValueError, match="schedule's value\\) must be a finite"):
@@ -640,7 +821,7 @@ def test_negative_rho_from_a_schedule_poisons_the_update():
   is NaN instead of a silent step in the wrong direction."""
   params = jax.tree.map(jnp.asarray, mlp_params())
   x, y = batches(1)[0]
-  grad_fn = lambda p: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
+  grad_fn = lambda p, _=0: jax.grad(mlp_loss)(p, x, y)  # noqa: E731
   for value, finite in ((-0.1, False), (float("nan"), False), (0.1, True)):
     tx = cram(
         optax.sgd(0.1),

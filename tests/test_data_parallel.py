@@ -150,10 +150,11 @@ def test_every_replica_computes_the_same_mask_under_pmap():
     return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
 
   def step(p, s, x, y):
-    grad_fn = jax.grad(
-        lambda q: loss(q, x, y)
-    )  # each replica: its own shard's gradient
-    updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    # Each replica: its own shard's gradient. As for optax's SAM, the caller
+    # averages the clean one and cram (batch_axis_name) the second.
+    grad_fn = jax.grad(lambda q, _: loss(q, x, y))
+    grads = jax.lax.pmean(grad_fn(p, 0), "batch")
+    updates, s = tx.update(grads, s, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), s
 
   pstep = jax.pmap(step, axis_name="batch")
@@ -196,12 +197,17 @@ def test_local_perturbation_gives_each_replica_its_own_mask():
   w = rng.normal(size=(8, 8)).astype(np.float32) * 0.1
 
   def step(p, s, x):
-    grad_fn = jax.grad(lambda q: jnp.mean((x @ q["w"]) ** 2))
-    updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+    grad_fn = jax.grad(lambda q, _: jnp.mean((x @ q["w"]) ** 2))
+    # m-sharpness: the caller passes its LOCAL clean gradient (no pmean).
+    updates, s = tx.update(grad_fn(p, 0), s, p, grad_fn=grad_fn)
     return optax.apply_updates(p, updates), s
 
   replicated = {"w": np.stack([w] * n)}
   state = jax.pmap(tx.init)(replicated)
   x = rng.normal(size=(n, 4, 8)).astype(np.float32) * 10
-  jax.block_until_ready(jax.pmap(step, axis_name="batch")(replicated, state, x))
+  new, _ = jax.pmap(step, axis_name="batch")(replicated, state, x)
+  jax.block_until_ready(new)
   assert len(set(seen)) > 1
+  # The update G still averages over replicas: the params stay replicated.
+  assert all(np.array_equal(new["w"][0], new["w"][i]) for i in range(n))
+  assert not np.array_equal(new["w"][0], w)

@@ -132,7 +132,8 @@ def check_run_outputs(run, config, metric, steps_per_epoch):
 
   with open(os.path.join(run, "config.json")) as f:
     saved = json.load(f)
-  assert saved["task"] == config.task and saved["optimizer"] == "cram+-multi"
+  assert saved["task"] == config.task and saved["name"] == "cram+-multi"
+  assert saved["optimizer"]["wrapper"] == "cram"
   assert (
       saved["num_train_steps"] == total and saved["data_dir"] == config.data_dir
   )

@@ -1,10 +1,12 @@
-"""Optimisers by name and the paper's learning-rate schedule."""
+"""Optimisers from config fields, method presets, and the paper's learning-rate schedule."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import cram_jax
@@ -31,7 +33,8 @@ def test_schedule_warms_up_then_follows_a_cosine_stepped_per_epoch():
 
 def test_schedule_per_step_without_warmup():
   config = common.base_config()
-  config.learning_rate, config.num_epochs, config.warmup_epochs = 1.0, 2, 0
+  config.optimizer.learning_rate = 1.0
+  config.num_epochs, config.warmup_epochs = 2, 0
   config.schedule_per_epoch = False
   lr = optimizers.learning_rate_schedule(config, 10)
   assert float(lr(0)) == pytest.approx(1.0)
@@ -41,12 +44,19 @@ def test_schedule_per_step_without_warmup():
   assert float(lr(20)) == pytest.approx(0.0, abs=1e-7)
 
 
-@pytest.mark.parametrize("name", optimizers.NAMES)
-def test_every_optimizer_name_builds_and_steps(name):
-  config = common.base_config()
-  config.optimizer, config.rho, config.sparsity = name, 0.05, 0.5
-  config.num_epochs = 1
-  tx = optimizers.make_optimizer(config, steps_per_epoch=10)
+METHODS = (
+    "sgd",
+    "adamw",
+    "sam",
+    "cram+-multi",
+    "cram+-multi-high",
+    "cram+-nm",
+    "cram+-k95",
+    "cram-k50",
+)
+
+
+def quadratic_problem():
   params = {
       "conv": {"kernel": jnp.ones((3, 3, 8, 8)) * jnp.arange(8.0)},
       "bias": jnp.zeros(8),
@@ -55,32 +65,92 @@ def test_every_optimizer_name_builds_and_steps(name):
   def loss(p):
     return jnp.sum(p["conv"]["kernel"] ** 2) + jnp.sum(p["bias"] ** 2)
 
+  return params, loss
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_every_method_builds_and_steps_with_one_update_call(method, base):
+  config = common.base_config()
+  config.optimizer.base = base
+  common.set_method(config, method)
+  config.num_epochs = 1
+  tx = optimizers.make_optimizer(config, steps_per_epoch=10)
+  params, loss = quadratic_problem()
   grads = jax.grad(loss)(params)
-  extra = (
-      {"grad_fn": lambda p, _=0: jax.grad(loss)(p)}
-      if optimizers.uses_second_gradient(name)
-      else {}
-  )
-  updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, **extra))(
+  grad_fn = lambda p, _: jax.grad(loss)(p)  # noqa: E731
+  updates, _ = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(
       grads, tx.init(params), params
   )
   assert np.all(np.isfinite(np.asarray(updates["conv"]["kernel"])))
   assert float(jnp.abs(updates["conv"]["kernel"]).sum()) > 0
 
 
-def test_cram_names_map_to_the_paper_variants():
+@pytest.mark.parametrize("compressor", optimizers.COMPRESSORS)
+def test_every_compressor_kind_builds_a_cram_step(compressor):
+  config = common.set_method(common.base_config(), "cram+-multi")
+  config.cram.compressor = compressor
+  config.cram.nm_patterns = ((2, 4),)
+  config.cram.bits = (4, 8)
+  tx = optimizers.make_optimizer(config, 10)
+  params, loss = quadratic_problem()
+  state = tx.init(params)
+  assert isinstance(state, cram_jax.CrAMState)
+  tx.update(
+      jax.grad(loss)(params),
+      state,
+      params,
+      grad_fn=lambda p, _: jax.grad(loss)(p),
+  )
+
+
+def test_fields_choose_the_optimizer():
   config = common.base_config()
-  config.rho = 0.1
-  config.optimizer = "cram"
+  config.optimizer.wrapper = "cram"
   state = optimizers.make_optimizer(config, 10).init({"w": jnp.ones((4, 4))})
   assert isinstance(state, cram_jax.CrAMState)
-  with pytest.raises(ValueError, match="config.optimizer='adam'"):
-    config.optimizer = "adam"
+  config.optimizer.wrapper = "sam"
+  state = optimizers.make_optimizer(config, 10).init({"w": jnp.ones((4, 4))})
+  assert isinstance(state, optax.contrib.SAMState)
+  with pytest.raises(
+      ValueError, match=r"config.optimizer.wrapper='lookahead' is not one of"
+  ):
+    config.optimizer.wrapper = "lookahead"
+    optimizers.make_optimizer(config, 10)
+  config.optimizer.wrapper = "none"
+  with pytest.raises(ValueError, match=r"config.optimizer.base='adam' is not"):
+    config.optimizer.base = "adam"
     optimizers.make_optimizer(config, 10)
 
 
-def test_method_names_in_configs():
-  c = common.set_method(common.base_config(), "cram+-k95", rho=0.2)
-  assert (c.optimizer, c.sparsity, c.rho) == ("cram+", 0.95, 0.2)
-  c = common.set_method(common.base_config(), "sgd", rho=0.2)
-  assert (c.optimizer, c.rho) == ("sgd", 0.0)
+def test_presets_set_fields():
+  c = common.set_method(common.base_config(), "cram+-k95")
+  assert (c.name, c.optimizer.wrapper, c.cram.plus, c.cram.compressor) == (
+      "cram+-k95",
+      "cram",
+      True,
+      "global",
+  )
+  assert c.cram.sparsities == (0.95,)
+  c = common.set_method(common.base_config(), "cram-k5")
+  assert (c.cram.plus, c.cram.sparsities) == (False, (0.05,))
+  c = common.set_method(common.base_config(), "cram+-nm")
+  assert (c.optimizer.wrapper, c.cram.compressor) == ("cram", "nm")
+  c = common.base_config()
+  c.optimizer.base = "adamw"
+  common.set_method(c, "sam")  # keeps the config file's base optimiser
+  assert (c.optimizer.base, c.optimizer.wrapper) == ("adamw", "sam")
+  common.set_method(c, "sgd")
+  assert (c.optimizer.base, c.optimizer.wrapper) == ("sgd", "none")
+  for bad in ("adam", "cram+-k", "cram+-k950", "cram+-multi ", "CrAM+-k95"):
+    with pytest.raises(ValueError, match=re.escape(f"method {bad!r} is not")):
+      common.set_method(common.base_config(), bad)
+
+
+def test_a_misspelt_field_is_an_error_naming_it():
+  config = common.base_config()
+  with pytest.raises(AttributeError, match="rhoo"):
+    _ = config.cram.rhoo
+  config.lock()
+  with pytest.raises(AttributeError, match="rhoo"):
+    config.cram.rhoo = 0.1

@@ -116,8 +116,8 @@ def test_another_method_is_refused_in_one_line_and_nothing_changes(
   assert lines[0].startswith(
       f"train.py: error: workdir {finished} holds a different run ("
   )
-  assert "optimizer: 'sgd' there, 'sam' here" in lines[0]
-  assert "rho: 0.0 there, 0.05 here" in lines[0]
+  assert "name: 'sgd' there, 'sam' here" in lines[0]
+  assert "optimizer.wrapper: 'none' there, 'sam' here" in lines[0]
   assert tree_digest(finished) == before
 
 
@@ -130,8 +130,10 @@ def test_another_model_is_refused_and_nothing_changes(finished, digits_dir):
   ):
     train.train_and_evaluate(config, finished)
   config = tiny_config(digits_dir, "cram+-multi")
-  config.sparsities = (0.5, 0.9)
-  with pytest.raises(cli.UsageError, match=r"optimizer: 'sgd' there"):
+  config.cram.sparsities = (0.5, 0.9)
+  with pytest.raises(
+      cli.UsageError, match=r"optimizer.wrapper: 'none' there, 'cram' here"
+  ):
     train.train_and_evaluate(config, finished)
   assert tree_digest(finished) == before
 
@@ -171,7 +173,7 @@ def test_check_workdir_compares_values_not_spellings(tmp_path):
   config = digits.get_config("sgd")
   saved = train.config_json(config)
   saved["warmup_epochs"] = 0  # JSON written as an int, read back as one
-  saved["sparsities"] = list(saved["sparsities"])
+  saved["cram"]["sparsities"] = list(saved["cram"]["sparsities"])
   saved["num_epochs"] = 7  # may change on resume
   (tmp_path / "config.json").write_text(json.dumps(saved))
   train.check_workdir(config, str(tmp_path))  # the same run
@@ -294,6 +296,11 @@ def test_config_error_is_one_line_with_exit_code_2(digits_dir, tmp_path):
             "(did you mean 'num_epochs'?)",
         ),
         (
+            ["--config.cram.rhoo=0.1"],
+            "train.py: error: --config.cram.rhoo: the config has no such field "
+            "(did you mean 'rho'?)",
+        ),
+        (
             ["--config", "experiments/configs/nope.py"],
             "train.py: error: --config: no such file: experiments/configs/nope.py",
         ),
@@ -346,23 +353,31 @@ def config_with(**fields):
         ({"checkpoint_every_steps": -5}, ValueError, "config.checkpoint_every_steps must be a positive int, got -5"),
         ({"keep_checkpoints": 0}, ValueError, "config.keep_checkpoints must be a positive int, got 0"),
         ({"prefetch": 0}, ValueError, "config.prefetch must be a positive int, got 0"),
-        ({"learning_rate": 0.0}, ValueError, "config.learning_rate must be a number in (0, inf), got 0.0"),
-        ({"learning_rate": float("inf")}, ValueError, "config.learning_rate must be a number in (0, inf), got inf"),
-        ({"learning_rate": "0.1"}, TypeError, "config.learning_rate must be a number in (0, inf), got '0.1'"),
-        ({"weight_decay": -1e-4}, ValueError, "config.weight_decay must be a number in [0, inf), got -0.0001"),
-        ({"momentum": 1.0}, ValueError, "config.momentum must be a number in [0, 1), got 1.0"),
-        ({"rho": -0.1}, ValueError, "config.rho must be a number in [0, inf), got -0.1"),
+        ({"optimizer__learning_rate": 0.0}, ValueError, "config.optimizer.learning_rate must be a number in (0, inf), got 0.0"),
+        ({"optimizer__learning_rate": float("inf")}, ValueError, "config.optimizer.learning_rate must be a number in (0, inf), got inf"),
+        ({"optimizer__learning_rate": "0.1"}, TypeError, "config.optimizer.learning_rate must be a number in (0, inf), got '0.1'"),
+        ({"optimizer__weight_decay": -1e-4}, ValueError, "config.optimizer.weight_decay must be a number in [0, inf), got -0.0001"),
+        ({"optimizer__momentum": 1.0}, ValueError, "config.optimizer.momentum must be a number in [0, 1), got 1.0"),
+        ({"optimizer__base": "adamw", "optimizer__b2": 1.5}, ValueError, "config.optimizer.b2 must be a number in [0, 1), got 1.5"),
+        ({"optimizer__base": "adamw", "optimizer__eps": -1.0}, ValueError, "config.optimizer.eps must be a number in [0, inf), got -1.0"),
+        ({"cram__rho": -0.1}, ValueError, "config.cram.rho must be a number in [0, inf), got -0.1"),
+        ({"optimizer__wrapper": "sam", "sam__rho": float("nan")}, ValueError, "config.sam.rho must be a number in [0, inf), got nan"),
+        ({"cram__plus": 1}, TypeError, "config.cram.plus must be True or False, got 1"),
+        ({"cram__compressor": "topk"}, ValueError, "config.cram.compressor must be one of ('global', 'layerwise', 'nm', 'quantize'), got 'topk'"),
+        ({"cram__compressor": "quantize", "cram__bits": (8, 1)}, ValueError, "config.cram.bits[1] must be an int in [2, 16], got 1"),
         ({"warmup_epochs": 31.0}, ValueError, "config.warmup_epochs=31.0 is longer than config.num_epochs=30"),
         ({"parallel": "pjit"}, ValueError, "config.parallel must be one of ('jit', 'pmap'), got 'pjit'"),
         ({"num_devices": -1}, ValueError, "config.num_devices must be a non-negative int, got -1"),
-        ({"optimizer": "adam"}, ValueError, "config.optimizer must be one of ('sgd', 'adamw', 'sam', 'cram', 'cram+', 'cram+-multi', 'cram+-nm'), got 'adam'"),
-        ({"base_optimizer": "lamb"}, ValueError, "config.base_optimizer must be one of ('sgd', 'adamw'), got 'lamb'"),
-        ({"sparsities": (0.5, 1.0)}, ValueError, "config.sparsities[1] must be a sparsity in [0, 1), got 1.0"),
-        ({"sparsities": (-0.1,)}, ValueError, "config.sparsities[0] must be a sparsity in [0, 1), got -0.1"),
-        ({"sparsities": ()}, ValueError, "config.sparsities must be a non-empty sequence of sparsities in [0, 1), got ()"),
-        ({"optimizer": "cram+", "sparsity": 1.5}, ValueError, "config.sparsity must be a sparsity in [0, 1), got 1.5"),
-        ({"optimizer": "cram+-nm", "nm_patterns": ((4, 2),)}, ValueError, "config.nm_patterns[0] must be a pair of ints (n, m) with 1 <= n <= m, got (4, 2)"),
-        ({"local_perturbation": True}, ValueError, "config.local_perturbation=True needs a CrAM optimizer and config.parallel='pmap', got optimizer='cram+-multi', parallel='jit'"),
+        ({"optimizer__wrapper": "lookahead"}, ValueError, "config.optimizer.wrapper must be one of ('none', 'sam', 'cram'), got 'lookahead'"),
+        ({"optimizer__base": "lamb"}, ValueError, "config.optimizer.base must be one of ('sgd', 'adamw'), got 'lamb'"),
+        ({"cram__sparsities": (0.5, 1.0)}, ValueError, "config.cram.sparsities[1] must be a sparsity in [0, 1), got 1.0"),
+        ({"cram__sparsities": (-0.1,)}, ValueError, "config.cram.sparsities[0] must be a sparsity in [0, 1), got -0.1"),
+        ({"cram__sparsities": ()}, ValueError, "config.cram.sparsities must be a non-empty sequence of sparsities in [0, 1), got ()"),
+        ({"cram__compressor": "layerwise", "cram__sparsities": (1.5,)}, ValueError, "config.cram.sparsities[0] must be a sparsity in [0, 1), got 1.5"),
+        ({"cram__compressor": "nm", "cram__nm_patterns": ((4, 2),)}, ValueError, "config.cram.nm_patterns[0] must be a pair of ints (n, m) with 1 <= n <= m, got (4, 2)"),
+        ({"cram__local_perturbation": True}, ValueError, "config.cram.local_perturbation=True needs config.optimizer.wrapper='cram' and config.parallel='pmap', got wrapper='cram', parallel='jit'"),
+        ({"optimizer__wrapper": "sam", "parallel": "pmap", "cram__local_perturbation": True}, ValueError, "config.cram.local_perturbation=True needs config.optimizer.wrapper='cram' and config.parallel='pmap', got wrapper='sam', parallel='pmap'"),
+        ({"optimizer": "sgd"}, ValueError, "config.optimizer.base is missing"),
         ({"model": "ResNet7"}, ValueError, "config.model must name a model of cram_jax.models, got 'ResNet7'"),
         ({"task": "detection"}, ValueError, "config.task must be one of ('squad', 'vision'), got 'detection'"),
         ({"dtype": "float16"}, ValueError, "config.dtype must be one of ('bfloat16', 'float32'), got 'float16'"),

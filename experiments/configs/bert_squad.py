@@ -25,7 +25,6 @@ def get_config(method: str = "cram+-multi"):
   c.bert = ml_collections.ConfigDict(
       {"size": "base", "overrides": ml_collections.ConfigDict()}
   )
-  c.init_checkpoint = ""
   c.data_options = ml_collections.ConfigDict(
       {
           "vocab_file": "vocab.txt",
@@ -35,16 +34,12 @@ def get_config(method: str = "cram+-multi"):
           "max_query_length": 64,
       }
   )
-  c.base_optimizer = "adamw"
-  c.learning_rate, c.weight_decay, c.b1, c.b2, c.eps = (
-      5e-5,
-      0.01,
-      0.9,
-      0.999,
-      1e-8,
-  )
+  c.optimizer.base = "adamw"
+  c.optimizer.learning_rate, c.optimizer.weight_decay = 5e-5, 0.01
+  c.optimizer.b1, c.optimizer.b2, c.optimizer.eps = 0.9, 0.999, 1e-8
   c.batch_size, c.eval_batch_size = 32, 64
   c.num_epochs, c.warmup_epochs, c.schedule_per_epoch = 2, 0.2, False
-  common.set_method(c, method, rho=0.005, sparsities=(0.5, 0.6, 0.7, 0.8))
+  c.cram.rho, c.cram.sparsities = 0.005, (0.5, 0.6, 0.7, 0.8)
+  common.set_method(c, method)
   c.checkpoint_every_steps = 1000
   return c

@@ -1,19 +1,37 @@
 """Defaults shared by every run; each config file overrides what its recipe says.
 
+Every field and its default is stated once, in `base_config`; every field is read
+as an attribute, so a misspelt one (`--config.cram.rhoo=0.1`) is an error that
+names it.
+
 Field reference (all runs):
   task, dataset, train_split, eval_split, data_dir, data_options: what to train on.
   model, model_kwargs, num_classes, dtype ('float32' | 'bfloat16' compute; params f32).
-  optimizer: sgd | adamw | sam | cram | cram+ | cram+-multi | cram+-nm (experiments/optimizers.py);
-    base_optimizer (sgd | adamw) under sam/cram; learning_rate, momentum, weight_decay;
-    rho; sparsity (cram, cram+); sparsities (cram+-multi); nm_patterns (cram+-nm);
-    local_perturbation (m-sharpness: per-replica perturbation, needs parallel='pmap').
+  init_checkpoint: pretrained weights to start from ('' : none; BERT).
+  name: the method's name (a preset below), for logs and the one-shot table.
+  optimizer.base: 'sgd' (momentum, coupled weight decay) | 'adamw' (b1, b2, eps,
+    decoupled weight decay on kernels and embeddings); optimizer.learning_rate,
+    weight_decay, momentum, b1, b2, eps.
+  optimizer.wrapper: 'none' | 'sam' (optax.contrib.sam, sam.rho) | 'cram'.
+  cram.rho; cram.plus (CrAM+: add the clean gradient); cram.compressor, the
+    compression during training: 'global' | 'layerwise' magnitude at one of
+    cram.sparsities per step, 'nm' with one of cram.nm_patterns per step,
+    'quantize' to one of cram.bits per step; cram.local_perturbation
+    (m-sharpness: per-replica perturbation, needs parallel='pmap').
   num_epochs, warmup_epochs, schedule_per_epoch, num_train_steps (0: epochs decide).
   batch_size (global), eval_batch_size (global), seed.
   parallel: 'jit' (device mesh, default) | 'pmap'; num_devices (0: all);
     distributed.* for multi-host start-up.
   checkpoint_every_steps, keep_checkpoints, log_every_steps, prefetch, data_threads.
   oneshot.*: the sweep of experiments/oneshot.py.
+
+Methods (`--config FILE:METHOD`) are presets over these fields, see `PRESETS`
+and `method_fields`: sgd, adamw, sam, cram+-multi, cram+-multi-high, cram+-nm,
+cram+-kNN and cram-kNN (one global sparsity of NN%).
 """
+
+import re
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -21,7 +39,6 @@ from ml_collections import config_dict
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.name = ""
   c.task = "vision"
   c.dataset = "cifar10"
   c.train_split = "train"
@@ -33,16 +50,28 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_classes = 10
   c.dtype = "float32"
 
-  c.optimizer = "sgd"
-  c.base_optimizer = "sgd"
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.rho = 0.0
-  c.sparsity = 0.0
-  c.sparsities = (0.5, 0.7, 0.9)
-  c.nm_patterns = ((2, 4), (4, 8))
-  c.local_perturbation = False
+  c.init_checkpoint = ""
+
+  c.name = ""
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.base = "sgd"
+  c.optimizer.wrapper = "none"
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.momentum = 0.9
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.sam = ml_collections.ConfigDict()
+  c.sam.rho = 0.05
+  c.cram = ml_collections.ConfigDict()
+  c.cram.rho = 0.05
+  c.cram.plus = True
+  c.cram.compressor = "global"
+  c.cram.sparsities = (0.5, 0.7, 0.9)
+  c.cram.nm_patterns = ((2, 4), (4, 8))
+  c.cram.bits = (8,)
+  c.cram.local_perturbation = False
 
   c.num_epochs = 200
   c.warmup_epochs = 0.0
@@ -76,30 +105,55 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+_CRAM = {"optimizer.wrapper": "cram", "cram.plus": True}
+
+# The named methods of the paper, as the fields they set (the others keep the
+# config file's values: its base optimiser, rho, levels).
+PRESETS: dict[str, dict[str, Any]] = {
+    "sgd": {"optimizer.base": "sgd", "optimizer.wrapper": "none"},
+    "adamw": {"optimizer.base": "adamw", "optimizer.wrapper": "none"},
+    "sam": {"optimizer.wrapper": "sam"},
+    "cram+-multi": {**_CRAM, "cram.compressor": "global"},
+    # ResNet-20's high-sparsity recipe (docs/method.md section 7).
+    "cram+-multi-high": {
+        **_CRAM,
+        "cram.compressor": "global",
+        "cram.sparsities": (0.5, 0.7, 0.8, 0.9, 0.95),
+        "cram.rho": 0.15,
+    },
+    "cram+-nm": {**_CRAM, "cram.compressor": "nm"},
+}
+_ONE_SPARSITY = re.compile(r"(cram\+?)-k(\d{1,2})")  # cram+-k95, cram-k90
+
+
+def method_fields(method: str) -> dict[str, Any]:
+  """The fields (dotted names) a method preset sets.
+
+  Raises:
+    ValueError: naming the method and the presets, for an unknown method.
+  """
+  if method in PRESETS:
+    return dict(PRESETS[method])
+  one = _ONE_SPARSITY.fullmatch(method)
+  if one:
+    return {
+        "optimizer.wrapper": "cram",
+        "cram.plus": one.group(1) == "cram+",
+        "cram.compressor": "global",
+        "cram.sparsities": (int(one.group(2)) / 100,),
+    }
+  raise ValueError(
+      f"method {method!r} is not one of {tuple(PRESETS)}, 'cram+-kNN' or "
+      "'cram-kNN' (NN: a sparsity in percent, e.g. cram+-k95)"
+  )
+
+
 def set_method(
-    c: ml_collections.ConfigDict,
-    method: str,
-    *,
-    rho: float,
-    sparsities=None,
-    sparsity=None,
+    c: ml_collections.ConfigDict, method: str
 ) -> ml_collections.ConfigDict:
-  """Applies a method name: 'sgd', 'sam', 'cram+-multi', 'cram+-k95', 'cram+-nm', ..."""
+  """Sets `c.name` and the fields of `method` (see `method_fields`)."""
   c.name = method
-  if method.startswith("cram+-k"):  # CrAM+-k{s}: one global sparsity s%
-    c.optimizer, c.sparsity = (
-        "cram+",
-        sparsity if sparsity is not None else int(method[7:]) / 100,
-    )
-  elif method.startswith("cram-k"):
-    c.optimizer, c.sparsity = (
-        "cram",
-        sparsity if sparsity is not None else int(method[6:]) / 100,
-    )
-  else:
-    c.optimizer = method
-  if c.optimizer != "sgd" and c.optimizer != "adamw":
-    c.rho = rho
-  if sparsities is not None:
-    c.sparsities = tuple(sparsities)
+  for name, value in method_fields(method).items():
+    group, field = name.split(".")
+    c[group][field] = value
   return c

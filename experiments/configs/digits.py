@@ -14,14 +14,12 @@ from experiments.configs import common
 def get_config(method: str = "cram+-multi"):
   c = common.base_config()
   c.dataset, c.model, c.num_classes = "digits", "ResNet8", 10
-  c.learning_rate, c.weight_decay, c.batch_size, c.eval_batch_size = (
-      0.05,
-      5e-4,
-      64,
-      120,
-  )
+  c.optimizer.learning_rate, c.optimizer.weight_decay = 0.05, 5e-4
+  c.batch_size, c.eval_batch_size = 64, 120
   c.num_epochs, c.warmup_epochs = 30, 0
-  common.set_method(c, method, rho=0.05, sparsities=(0.5, 0.7, 0.8, 0.9))
+  c.sam.rho = c.cram.rho = 0.05
+  c.cram.sparsities = (0.5, 0.7, 0.8, 0.9)
+  common.set_method(c, method)
   c.checkpoint_every_steps = 200
   c.log_every_steps = 22
   c.seed = 0

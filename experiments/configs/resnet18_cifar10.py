@@ -12,8 +12,10 @@ from experiments.configs import common
 def get_config(method: str = "cram+-k95"):
   c = common.base_config()
   c.dataset, c.model, c.num_classes = "cifar10", "CifarResNet18", 10
-  c.learning_rate, c.weight_decay, c.batch_size = 0.1, 5e-4, 128
+  c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 5e-4
+  c.batch_size = 128
   c.num_epochs, c.warmup_epochs = 180, 0
-  common.set_method(c, method, rho=0.2)
+  c.cram.rho = 0.2
+  common.set_method(c, method)
   c.checkpoint_every_steps = 390 * 5
   return c

@@ -20,18 +20,12 @@ def get_config(method: str = "cram+-multi"):
     )
   c = common.base_config()
   c.dataset, c.model, c.num_classes = "cifar10", "ResNet20", 10
-  c.learning_rate, c.weight_decay, c.batch_size = 0.1, 5e-4, 128
+  c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 5e-4
+  c.batch_size = 128
   c.num_epochs, c.warmup_epochs = 200, 5
-  if method == "cram+-multi-high":
-    common.set_method(
-        c, "cram+-multi", rho=0.15, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95)
-    )
-    c.name = method
-  elif method == "cram+-multi":
-    common.set_method(
-        c, method, rho=0.2, sparsities=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    )
-  else:
-    common.set_method(c, method, rho=0.05)
+  c.sam.rho = 0.05
+  c.cram.rho, c.cram.sparsities = 0.2, (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+  # cram+-multi-high's preset sets its own levels and rho 0.15.
+  common.set_method(c, method)
   c.checkpoint_every_steps = 390 * 5  # every 5 epochs
   return c

@@ -15,14 +15,11 @@ def get_config(method: str = "cram+-multi"):
   c.dataset, c.model, c.num_classes = "imagenet2012", "ResNet50", 1000
   c.train_split, c.eval_split = "train", "validation"
   c.dtype = "bfloat16"
-  c.learning_rate, c.weight_decay, c.batch_size, c.eval_batch_size = (
-      0.2,
-      1e-4,
-      512,
-      512,
-  )
+  c.optimizer.learning_rate, c.optimizer.weight_decay = 0.2, 1e-4
+  c.batch_size, c.eval_batch_size = 512, 512
   c.num_epochs, c.warmup_epochs = 100, 5
-  common.set_method(c, method, rho=0.05, sparsities=(0.5, 0.7, 0.9))
+  c.cram.rho, c.cram.sparsities = 0.05, (0.5, 0.7, 0.9)
+  common.set_method(c, method)
   c.checkpoint_every_steps = 2500
   c.data_threads = 16
   c.prefetch = 4
