@@ -34,6 +34,7 @@ import numpy as np
 import cram_jax
 from cram_jax import compress
 from cram_jax import data as data_lib
+from experiments import cli
 from experiments import train as train_lib
 
 
@@ -504,6 +505,16 @@ def write_outputs(
   return paths
 
 
+def _check_workdir(workdir: str) -> None:
+  """A workdir must hold a finished or checkpointed training run."""
+  if not os.path.isdir(workdir):
+    raise cli.UsageError(f"--workdir {workdir}: no such directory")
+  if not os.path.isfile(os.path.join(workdir, "config.json")):
+    raise cli.UsageError(
+        f"--workdir {workdir}: no config.json there; is it a train.py workdir?"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -517,12 +528,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   )
   parser.add_argument("--sparsities", type=float, nargs="*", default=None)
   parser.add_argument("--bn-batches", type=int, default=None)
+  parser.add_argument(
+      "-v",
+      "--verbose",
+      action="store_true",
+      help="keep absl/orbax INFO logging (WARNING by default)",
+  )
   args = parser.parse_args(argv)
+  cli.quiet_logging(verbosity_set=args.verbose)
+  with cli.exit_on_usage_error("oneshot.py"):
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, str]:
   override = {}
   if args.sparsities is not None:
+    for s in args.sparsities:
+      if not 0.0 <= s < 1.0:
+        raise cli.UsageError(f"--sparsities: {s} is not a sparsity in [0, 1)")
     override["sparsities"] = tuple(args.sparsities)
   if args.bn_batches is not None:
+    if args.bn_batches < 1:
+      raise cli.UsageError(
+          f"--bn-batches must be a positive int, got {args.bn_batches}"
+      )
     override["bn_batches"] = args.bn_batches
+  for workdir in args.workdir:
+    _check_workdir(workdir)
   results: list[Result] = []
   metric = None
   for workdir in args.workdir:

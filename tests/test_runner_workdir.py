@@ -496,3 +496,32 @@ def test_format_helpers():
   assert metrics.format_duration(3725.4) == "1:02:05"
   assert metrics.format_duration(2 * 86400 + 5) == "2 days, 0:00:05"
   assert metrics.format_duration(None) == "?"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workdir", "{missing}"], "no such directory"),
+        (["--workdir", "{empty}"], "no config.json there"),
+        (
+            ["--workdir", "{empty}", "--sparsities", "1.5"],
+            "1.5 is not a sparsity",
+        ),
+        (["--workdir", "{empty}", "--bn-batches", "0"], "--bn-batches must be"),
+    ],
+)
+def test_oneshot_mistakes_are_one_line_with_exit_code_2(
+    args, message, tmp_path, capsys
+):
+  from experiments import oneshot  # pylint: disable=import-outside-toplevel
+
+  (tmp_path / "empty").mkdir()
+  paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+  argv = [a.format(**paths) for a in args] + ["--out", str(tmp_path / "out")]
+  with pytest.raises(SystemExit) as exit_info:
+    oneshot.main(argv)
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert err.startswith("oneshot.py: error: ") and message in err
+  assert not (tmp_path / "out").exists()
