@@ -1,8 +1,5 @@
 """Flax NNX: the CrAM train step, the zoo via as_nnx, pruning and fine-tuning."""
 
-import pathlib
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from readme_snippets import run_readme_block
 
 import cram_jax
 from cram_jax import compress
@@ -27,8 +25,6 @@ from cram_jax.models import (
     ResNet8,
     as_nnx,
 )
-
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 class NNXNet(nnx.Module):
@@ -445,17 +441,6 @@ def test_resnet8_nnx_end_to_end():
   assert zeros == report.prunable_zeros
 
 
-def readme_block(heading):
-  text = README.read_text()
-  match = re.search(
-      rf"^##+ {re.escape(heading)}\n(.*?)(?=^## )", text, re.M | re.S
-  )
-  assert match, f"README has no section {heading!r}"
-  blocks = re.findall(r"```python\n(.*?)```", match.group(1), re.S)
-  assert blocks, f"README section {heading!r} has no python block"
-  return "\n".join(blocks)
-
-
 class ReadmeNet(nnx.Module):
 
   def __init__(self, rngs):
@@ -478,7 +463,7 @@ def test_readme_nnx_quick_start_runs():
       ],
       "images": images,
   }
-  exec(compile(readme_block("Quick start: Flax NNX"), "README.md", "exec"), namespace)  # noqa: S102
+  run_readme_block("Quick start: Flax NNX", namespace)
   model = namespace["model"]
   assert isinstance(namespace["optimizer"].tx, optax.GradientTransformation)
   kernel = np.asarray(model.conv.kernel[...])
