@@ -38,8 +38,8 @@ def spy_on_masks(monkeypatch):
   log = []
   make_compressor = optimizers.compressor_for
 
-  def spying_compressor_for(config, name, select=None):
-    base = make_compressor(config, name, select)
+  def spying_compressor_for(config, select=None):
+    base = make_compressor(config, select)
     under_pmap = config.parallel == "pmap"
 
     def spy(params, key):
