@@ -134,13 +134,7 @@ def recalibrate_batch_stats(
         f"{owner}: variables have no 'batch_stats' collection "
         f"(collections: {sorted(variables)})"
     )
-  if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
-    raise TypeError(
-        f"{owner}: apply_kwargs must be a mapping of keyword arguments, got "
-        f"{validate.short(apply_kwargs)}"
-    )
-  validate.check_bool(reset, "reset", owner)
-  _check_batches(batches, owner)
+  _check_options(apply_kwargs, reset, batches, owner)
   kwargs = dict(apply_kwargs if apply_kwargs is not None else {"train": True})
   frozen = {k: v for k, v in variables.items() if k != "batch_stats"}
   stats = variables["batch_stats"]
@@ -165,6 +159,19 @@ def recalibrate_batch_stats(
   if count == 0:
     raise ValueError(f"{owner}: batches is empty")
   return {**frozen, "batch_stats": stats}
+
+
+def _check_options(
+    apply_kwargs: Any, reset: Any, batches: Any, owner: str
+) -> None:
+  """The options both the Linen and the NNX path take, checked alike."""
+  if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
+    raise TypeError(
+        f"{owner}: apply_kwargs must be a mapping of keyword arguments, got "
+        f"{validate.short(apply_kwargs)}"
+    )
+  validate.check_bool(reset, "reset", owner)
+  _check_batches(batches, owner)
 
 
 def _check_batches(batches: Any, owner: str) -> None:
@@ -213,13 +220,7 @@ def _recalibrate_nnx(
         f"{owner}: batches is missing; call recalibrate_batch_stats(model, "
         "batches)"
     )
-  if apply_kwargs is not None and not isinstance(apply_kwargs, Mapping):
-    raise TypeError(
-        f"{owner}: apply_kwargs must be a mapping of keyword arguments, got "
-        f"{validate.short(apply_kwargs)}"
-    )
-  validate.check_bool(reset, "reset", owner)
-  _check_batches(batches, owner)
+  _check_options(apply_kwargs, reset, batches, owner)
   if not jax.tree.leaves(nnx.state(model, nnx.BatchStat)):
     raise ValueError(
         f"{owner}: the NNX model {type(model).__name__} has no nnx.BatchStat "
