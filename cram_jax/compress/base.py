@@ -49,6 +49,10 @@ def map_masked(
   )
 
 
+def _zero_unkept(mask: jax.Array, x: jax.Array) -> jax.Array:
+  return jnp.where(mask, x, jnp.zeros((), x.dtype))
+
+
 def apply_masks(masks: Masks, tree: Any, *, owner: str = "apply_masks") -> Any:
   """Zeroes the entries of ``tree`` where the mask is False (dtype kept).
 
@@ -56,9 +60,7 @@ def apply_masks(masks: Masks, tree: Any, *, owner: str = "apply_masks") -> Any:
   merely broadcasts against its leaf is an error, not a silent broadcast.
   """
   masks = check_masks(tree, masks, owner=owner)
-  return map_masked(
-      lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), masks, tree
-  )
+  return map_masked(_zero_unkept, masks, tree)
 
 
 def check_masks(
@@ -100,9 +102,7 @@ def compress_with(
   """Applies ``{path: mask}`` to ``params``; returns ``(compressed, masks)``."""
   masks = masks_for(params, leaf_masks)
   return (
-      map_masked(
-          lambda m, x: jnp.where(m, x, jnp.zeros((), x.dtype)), masks, params
-      ),
+      map_masked(_zero_unkept, masks, params),
       masks,
   )
 
@@ -121,6 +121,21 @@ def check_sparsity(value: Any, owner: str) -> None:
     )
   elif not 0.0 <= value <= 1.0:  # NaN fails too
     raise ValueError(f"{owner}: sparsity must be in [0, 1], got {value!r}")
+
+
+def kept_count(sparsity: Any, size: int) -> Any:
+  """``round((1 - sparsity) * size)``: exact in float64 for Python numbers.
+
+  The one rounding of every magnitude compressor and distribution.
+
+  A traced sparsity is evaluated in float32, exact while ``size < 2**24``
+  (beyond that the count may be off by one: the sparsity itself is a float32).
+  Its range is checked at run time by :func:`check_sparsity`.
+  """
+  if validate.is_traced(sparsity):
+    s = jnp.asarray(sparsity, jnp.float32)
+    return jnp.round((1.0 - s) * size).astype(jnp.int32)
+  return int(round((1.0 - float(sparsity)) * size))
 
 
 def as_levels(sparsity: Any, owner: str) -> tuple[Any, ...]:

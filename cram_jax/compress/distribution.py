@@ -180,14 +180,6 @@ class Distribution:
     )
 
 
-def _kept(sparsity: Any, size: int) -> Any:
-  # Same rounding as the magnitude compressors (exact in float64).
-  if validate.is_traced(sparsity):
-    s = jnp.asarray(sparsity, jnp.float32)
-    return jnp.round((1.0 - s) * size).astype(jnp.int32)
-  return int(round((1.0 - float(sparsity)) * size))
-
-
 class _Uniform(Distribution):
 
   def __init__(self, sparsity: Any, name: str):
@@ -198,7 +190,7 @@ class _Uniform(Distribution):
     del paths, owner
     sizes = [math.prod(s) for s in shapes]
     return [False] * len(shapes), [
-        [_kept(s, n) for n in sizes] for s in self.levels
+        [base.kept_count(s, n) for n in sizes] for s in self.levels
     ]
 
 
@@ -469,7 +461,7 @@ class _Custom(Distribution):
     dense = [v is None for v in values]
     counts = [
         [
-            None if v is None else _kept(v[i if len(v) > 1 else 0], n)
+            None if v is None else base.kept_count(v[i if len(v) > 1 else 0], n)
             for v, n in zip(values, sizes)
         ]
         for i in range(self.num_levels)

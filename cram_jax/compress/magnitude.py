@@ -180,21 +180,8 @@ def _topk_masks(
   return lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
 
 
-def kept_count(sparsity: Any, size: int) -> Any:
-  """``round((1 - sparsity) * size)``: exact in float64 for Python numbers.
-
-  A traced sparsity is evaluated in float32, exact while ``size < 2**24``
-  (beyond that the count may be off by one: the sparsity itself is a float32).
-  Its range is checked at run time by :func:`base.check_sparsity`.
-  """
-  if isinstance(sparsity, jax.core.Tracer):
-    s = jnp.asarray(sparsity, jnp.float32)
-    return jnp.round((1.0 - s) * size).astype(jnp.int32)
-  return int(round((1.0 - float(sparsity)) * size))
-
-
 def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
-  counts = [kept_count(s, size) for s in levels]
+  counts = [base.kept_count(s, size) for s in levels]
   if len(counts) == 1:
     return counts[0]
   return jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])
