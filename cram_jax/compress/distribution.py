@@ -207,31 +207,6 @@ def uniform(sparsity: float | Sequence[float] | jax.Array) -> Distribution:
   return _Uniform(sparsity, name)
 
 
-def _compile_patterns(patterns: Any, option: str, owner: str):
-  if patterns is None:
-    return ()
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  if not isinstance(patterns, (list, tuple)) or not patterns:
-    raise TypeError(
-        f"{owner}: {option} must be a regex string or a non-empty list of "
-        f"them, got {validate.short(patterns)}"
-    )
-  compiled = []
-  for p in patterns:
-    if not isinstance(p, str):
-      raise TypeError(
-          f"{owner}: {option} patterns must be strings, got {validate.short(p)}"
-      )
-    try:
-      compiled.append(re.compile(p))
-    except re.error as e:
-      raise ValueError(
-          f"{owner}: {option} pattern {p!r} is not a valid regex: {e}"
-      ) from None
-  return tuple(compiled)
-
-
 def erk_counts(
     shapes: Sequence[Shape],
     sparsity: float,
@@ -311,7 +286,7 @@ class _ERK(Distribution):
         )
     self.levels = tuple(float(s) for s in levels)
     self._dense_raw = dense
-    self._dense = _compile_patterns(dense, "dense", name)
+    self._dense = select_lib.as_patterns(dense, "dense", name)
 
   def _counts(self, paths, shapes, owner):
     dense = [any(p.search(path) for p in self._dense) for path in paths]

@@ -48,22 +48,30 @@ def path_str(path: tuple[Any, ...]) -> str:
   return "/".join(parts)
 
 
-def _as_patterns(
-    patterns: Patterns, option: str
+def as_patterns(
+    patterns: Patterns, option: str, owner: str = "Selection"
 ) -> tuple[re.Pattern[str], ...]:
+  """Compiles ``option``'s regex string or list of them (None: no pattern).
+
+  Raises:
+    TypeError: not a string or a list of strings.
+    ValueError: an empty list, or a pattern that is not a valid regex.
+  """
   if patterns is None:
     return ()
   if isinstance(patterns, (str, re.Pattern)):
     patterns = (patterns,)
   elif not isinstance(patterns, (list, tuple)):
     raise TypeError(
-        f"Selection: {option} must be a regex string or a list of them, got "
+        f"{owner}: {option} must be a regex string or a list of them, got "
         f"{patterns!r}"
     )
   if not patterns:
     raise ValueError(
-        f"Selection: {option} is an empty list; use None for "
-        + ("every leaf" if option == "include" else "no exclusion")
+        f"{owner}: {option} is an empty list; use None for "
+        + {"include": "every leaf", "exclude": "no exclusion"}.get(
+            option, "none"
+        )
     )
   compiled = []
   for p in patterns:
@@ -71,14 +79,12 @@ def _as_patterns(
       compiled.append(p)
       continue
     if not isinstance(p, str):
-      raise TypeError(
-          f"Selection: {option} patterns must be strings, got {p!r}"
-      )
+      raise TypeError(f"{owner}: {option} patterns must be strings, got {p!r}")
     try:
       compiled.append(re.compile(p))
     except re.error as e:
       raise ValueError(
-          f"Selection: {option} pattern {p!r} is not a valid regex: {e}"
+          f"{owner}: {option} pattern {p!r} is not a valid regex: {e}"
       ) from None
   return tuple(compiled)
 
@@ -108,8 +114,8 @@ class Selection:
   min_ndim: int = 2
 
   def __post_init__(self):
-    object.__setattr__(self, "_include", _as_patterns(self.include, "include"))
-    object.__setattr__(self, "_exclude", _as_patterns(self.exclude, "exclude"))
+    object.__setattr__(self, "_include", as_patterns(self.include, "include"))
+    object.__setattr__(self, "_exclude", as_patterns(self.exclude, "exclude"))
     if isinstance(self.min_ndim, bool) or not isinstance(self.min_ndim, int):
       raise TypeError(
           f"Selection: min_ndim must be an int, got {self.min_ndim!r}"
