@@ -84,6 +84,17 @@ def check_int(
   return value
 
 
+def check_positive_int(value: Any, name: str, owner: str) -> None:
+  """A size: an integer >= 1 (a bool is an int to Python, never a size)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(
+        f"{owner}: {name} must be a positive int, got "
+        f"{type(value).__name__} {value!r}"
+    )
+  if value < 1:
+    raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 def check_real(value: Any, name: str, owner: str) -> Any:
   """A real scalar: a Python/NumPy number or a 0-d array, never a bool.
 

@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cram_jax.compress import validate
 from cram_jax.compress.select import Selection
 
 BERT_PRUNABLE = Selection(
@@ -50,17 +51,6 @@ al. 2022): embeddings are lookups whose rows are not redundant in the way dense 
 are, and the pooler and heads are tiny. Matches paths with or without a leading
 ``params/`` or ``bert/``.
 """
-
-
-def _check_positive_int(owner: str, name: str, value: Any) -> None:
-  # bool is an int to Python, never a size.
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(
-        f"{owner}: {name} must be a positive int, got "
-        f"{type(value).__name__} {value!r}"
-    )
-  if value < 1:
-    raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 def _check_module(owner: str, config: Any, dtype: Any) -> None:
@@ -119,7 +109,7 @@ class BertConfig:
         "max_position_embeddings",
         "type_vocab_size",
     ):
-      _check_positive_int("BertConfig", name, getattr(self, name))
+      validate.check_positive_int(getattr(self, name), name, "BertConfig")
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(
           f"BertConfig: hidden_size={self.hidden_size} is not a multiple of "
@@ -428,8 +418,8 @@ class BertForSequenceClassification(nn.Module):
 
   def __post_init__(self):
     _check_module("BertForSequenceClassification", self.config, self.dtype)
-    _check_positive_int(
-        "BertForSequenceClassification", "num_labels", self.num_labels
+    validate.check_positive_int(
+        self.num_labels, "num_labels", "BertForSequenceClassification"
     )
     super().__post_init__()
 

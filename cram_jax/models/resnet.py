@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cram_jax.compress import validate
 from cram_jax.compress.select import Selection
 
 ModuleDef = Any
@@ -159,17 +159,6 @@ class Bottleneck(nn.Module):
 _STEMS = ("cifar", "imagenet")
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-  # bool is an int to Python, never a size.
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(
-        f"ResNet: {name} must be a positive int, got "
-        f"{type(value).__name__} {value!r}"
-    )
-  if value < 1:
-    raise ValueError(f"ResNet: {name} must be a positive int, got {value!r}")
-
-
 class ResNet(nn.Module):
   """A ResNet on NHWC images; use the factories (``ResNet20``, ``ResNet50``, ...).
 
@@ -202,7 +191,7 @@ class ResNet(nn.Module):
       raise ValueError(
           f"ResNet: stem must be one of {_STEMS}, got {self.stem!r}"
       )
-    _check_positive_int("num_classes", self.num_classes)
+    validate.check_positive_int(self.num_classes, "num_classes", "ResNet")
     for name in ("stage_sizes", "widths"):
       value = getattr(self, name)
       if isinstance(value, str) or not isinstance(value, Sequence) or not value:
@@ -211,7 +200,7 @@ class ResNet(nn.Module):
             f"(one per stage), got {value!r}"
         )
       for i, item in enumerate(value):
-        _check_positive_int(f"{name}[{i}]", item)
+        validate.check_positive_int(item, f"{name}[{i}]", "ResNet")
     if len(self.stage_sizes) != len(self.widths):
       raise ValueError(
           f"ResNet: stage_sizes {tuple(self.stage_sizes)} and widths "
