@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cram_jax.compress import base, validate
 from cram_jax.compress import select as select_lib
@@ -26,12 +25,13 @@ from cram_jax.compress import select as select_lib
 _POLICIES = ("error", "skip")
 
 
-def _check_nm(n: Any, m: Any, owner: str) -> None:
-  for name, v in (("n", n), ("m", m)):
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-      raise TypeError(f"{owner}: {name} must be an int, got {v!r}")
+def _check_nm(n: Any, m: Any, owner: str) -> tuple[int, int]:
+  """``(n, m)`` as ints, or a TypeError/ValueError unless ``1 <= n <= m``."""
+  n = validate.check_int(n, "n", owner)
+  m = validate.check_int(m, "m", owner)
   if m < 1 or n < 1 or n > m:
     raise ValueError(f"{owner}: needs 1 <= n <= m, got n={n}, m={m}")
+  return n, m
 
 
 def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
@@ -41,7 +41,7 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
   multiple of m; anything else is a TypeError/ValueError.
   """
   owner = f"nm_mask(n={n!r}, m={m!r})"
-  _check_nm(n, m, owner)
+  n, m = _check_nm(n, m, owner)
   dtype = validate.dtype_of(x)
   if dtype is None or not (
       jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
@@ -56,7 +56,6 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
         f"{owner}: x of shape {shape} has {shape[axis]} entries along axis "
         f"{axis}, not a multiple of {m}"
     )
-  n, m = int(n), int(m)
   moved = jnp.moveaxis(jnp.abs(x), axis, -1)
   blocks = moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
   mine = blocks[..., :, None]  # weight i of the block
@@ -94,8 +93,7 @@ def n_of_m(
     ``compress(params, key=None) -> (compressed_params, masks)``.
   """
   owner = f"n_of_m({n!r}, {m!r})"
-  _check_nm(n, m, owner)
-  n, m = int(n), int(m)
+  n, m = _check_nm(n, m, owner)
   axis = validate.check_int(axis, "axis", owner)
   if not isinstance(on_indivisible, str) or on_indivisible not in _POLICIES:
     raise ValueError(
