@@ -6,7 +6,12 @@ statistics with :func:`recalibrate_batch_stats`. Flax NNX models: see
 """
 
 from cram_jax import nnx
-from cram_jax.acdc import ACDCState, acdc, acdc_dense_params
+from cram_jax.acdc import (
+    ACDCState,
+    acdc,
+    acdc_compressed,
+    acdc_dense_params,
+)
 from cram_jax.batchnorm import (
     calibration_batches,
     recalibrate_batch_stats,
@@ -47,6 +52,7 @@ __all__ = [
     "ACDCState",
     "GMPState",
     "acdc",
+    "acdc_compressed",
     "acdc_dense_params",
     "gmp",
     "gmp_masks",

@@ -19,15 +19,15 @@ import optax
 
 from cram_jax.compress import base, validate
 from cram_jax.gmp import (
-  CompressorFamily,
-  build_compressor,
-  check_step,
-  check_target,
-  find_state,
-  hold_pruned,
-  initial_masks,
-  magnitude_masks,
-  mask_state,
+    CompressorFamily,
+    build_compressor,
+    check_step,
+    check_target,
+    find_state,
+    hold_pruned,
+    initial_masks,
+    magnitude_masks,
+    mask_state,
 )
 
 
