@@ -186,6 +186,45 @@ def _check_cram(config) -> None:
         )
 
 
+def _check_gmp(config) -> None:
+  _check_choice(config, "gmp.compressor", optimizers.PRUNING_COMPRESSORS)
+  for name in ("gmp.initial_sparsity", "gmp.final_sparsity"):
+    _check_sparsity(name, _value(config, name))
+  g = config.gmp
+  if g.initial_sparsity > g.final_sparsity:
+    raise cli.ConfigError(
+        f"config.gmp.initial_sparsity={g.initial_sparsity!r} is above "
+        f"config.gmp.final_sparsity={g.final_sparsity!r} (pruned weights never "
+        "come back)"
+    )
+  _check_number(config, "gmp.begin_epoch", low=0.0)
+  _check_number(config, "gmp.end_epoch", low=0.0, open_low=True)
+  _check_number(config, "gmp.frequency_epochs", low=0.0, open_low=True)
+  _check_number(config, "gmp.power", low=0.0, open_low=True)
+  if not g.begin_epoch < g.end_epoch <= config.num_epochs:
+    raise cli.ConfigError(
+        "config.gmp needs begin_epoch < end_epoch <= num_epochs, got "
+        f"begin_epoch={g.begin_epoch!r}, end_epoch={g.end_epoch!r}, "
+        f"num_epochs={config.num_epochs!r}"
+    )
+
+
+def _check_acdc(config) -> None:
+  _check_choice(config, "acdc.compressor", optimizers.PRUNING_COMPRESSORS)
+  _check_sparsity("acdc.sparsity", _value(config, "acdc.sparsity"))
+  _check_number(config, "acdc.warmup_epochs", low=0.0)
+  _check_number(config, "acdc.phase_epochs", low=0.0, open_low=True)
+  _check_number(config, "acdc.final_epochs", low=0.0, open_low=True)
+  _check_bool(config, "acdc.reset_momentum")
+  a = config.acdc
+  if a.warmup_epochs + a.final_epochs > config.num_epochs:
+    raise cli.ConfigError(
+        f"config.acdc.warmup_epochs={a.warmup_epochs!r} plus "
+        f"final_epochs={a.final_epochs!r} exceed "
+        f"config.num_epochs={config.num_epochs!r}"
+    )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field the runner reads, before anything is built or compiled.
 
@@ -235,6 +274,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_number(config, "sam.rho", low=0.0)
   if wrapper == "cram":
     _check_cram(config)
+  if wrapper == "gmp":
+    _check_gmp(config)
+  if wrapper == "acdc":
+    _check_acdc(config)
   _check_bool(config, "cram.local_perturbation")
   if config.cram.local_perturbation and (
       wrapper != "cram" or config.parallel != "pmap"
@@ -279,6 +322,12 @@ def method_label(config: ml_collections.ConfigDict) -> str:
     return opt.base
   if opt.wrapper == "sam":
     return f"sam({opt.base})"
+  if opt.wrapper == "gmp":
+    return (
+        f"gmp-{config.gmp.compressor}-{config.gmp.final_sparsity:g}({opt.base})"
+    )
+  if opt.wrapper == "acdc":
+    return f"acdc-{config.acdc.compressor}-{config.acdc.sparsity:g}({opt.base})"
   return f"cram{'+' if config.cram.plus else ''}-{config.cram.compressor}({opt.base})"
 
 
