@@ -225,6 +225,29 @@ def _check_acdc(config) -> None:
     )
 
 
+def _check_distill(config) -> None:
+  if "distill" not in config:  # a config saved before the field existed
+    return
+  path = _value(config, "distill.teacher_checkpoint")
+  if not isinstance(path, str):
+    raise cli.ConfigTypeError(
+        f"config.distill.teacher_checkpoint must be a path or '', got {path!r}"
+    )
+  if not path:
+    return
+  if config.task != "squad":
+    raise cli.ConfigError(
+        "config.distill.teacher_checkpoint is for task 'squad' (BERT), got "
+        f"config.task={config.task!r}"
+    )
+  _check_number(config, "distill.weight", low=0.0, high=1.0, open_high=False)
+  _check_number(config, "distill.temperature", low=0.0, open_low=True)
+  try:
+    tasks.check_teacher_checkpoint(path)
+  except (FileNotFoundError, ValueError, TypeError) as e:
+    raise cli.ConfigError(str(e)) from None
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field the runner reads, before anything is built or compiled.
 
@@ -287,6 +310,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.optimizer.wrapper='cram' and config.parallel='pmap', got "
         f"wrapper={wrapper!r}, parallel={config.parallel!r}"
     )
+
+  _check_distill(config)
 
   # Length and batches.
   _check_int(config, "num_epochs", 1)

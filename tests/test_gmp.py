@@ -330,3 +330,170 @@ def test_bad_compressors_and_optimizers():
     tx.update(bad, state, params)
   with pytest.raises(ValueError, match="gmp_masks: opt_state holds no"):
     cram_jax.gmp_masks(optax.sgd(0.1).init(params))
+
+
+# ----------------------------------------------------------------------------
+# Runner wiring (experiments/): presets, config checks, BERT distillation.
+
+
+def digits(method):
+  from experiments.configs import digits as digits_config
+
+  return digits_config.get_config(method)
+
+
+def test_presets_and_steps():
+  from experiments import optimizers
+  from experiments import train as train_lib
+  from experiments.configs import common
+
+  assert common.method_fields("gmp-90") == {
+      "optimizer.wrapper": "gmp",
+      "gmp.final_sparsity": 0.9,
+  }
+  assert common.method_fields("acdc-80") == {
+      "optimizer.wrapper": "acdc",
+      "acdc.sparsity": 0.8,
+  }
+  for method in ("gmp-80", "gmp-90", "acdc-80", "acdc-90"):
+    config = digits(method)
+    train_lib.validate_config(config)
+    assert train_lib.method_label(config) == method
+  config = digits("gmp-90")
+  config.name = ""
+  assert train_lib.method_label(config) == "gmp-global-0.9(sgd)"
+  # 22 steps per epoch: prune every epoch from epoch 2 to 20.
+  assert optimizers.gmp_steps(config, 22) == {
+      "begin_step": 44,
+      "end_step": 440,
+      "frequency": 22,
+  }
+  tx = optimizers.make_optimizer(config, 22)
+  assert tx.update_steps == tuple(range(44, 441, 22))
+  # AC/DC: 3 dense epochs, phases of 3, the last 9 of 30 compressed.
+  config = digits("acdc-90")
+  assert optimizers.acdc_steps(config, 22) == {
+      "dense_warmup": 66,
+      "phase_length": 66,
+      "final_phase_start": 21 * 22,
+  }
+  plan = cram_jax.acdc_compressed(
+      np.arange(0, 30 * 22, 22), **optimizers.acdc_steps(config, 22)
+  )
+  assert "".join("C" if c else "D" for c in plan) == (
+      "DDD" + "CCCDDD" * 3 + "C" * 9
+  )
+  params = params_tree()
+  state = optimizers.make_optimizer(config, 22).init(params)
+  assert isinstance(state, cram_jax.ACDCState)
+
+
+@pytest.mark.parametrize(
+    "method,field,value,match",
+    [
+        ("gmp-90", "gmp.final_sparsity", 1.0, "gmp.final_sparsity must be"),
+        ("gmp-90", "gmp.initial_sparsity", 0.95, "is above"),
+        ("gmp-90", "gmp.end_epoch", 31.0, "end_epoch <= num_epochs"),
+        ("gmp-90", "gmp.begin_epoch", 20.0, "begin_epoch < end_epoch"),
+        ("gmp-90", "gmp.frequency_epochs", 0.0, "frequency_epochs must be"),
+        ("gmp-90", "gmp.compressor", "nm", "gmp.compressor must be one of"),
+        ("gmp-90", "gmp.power", -1.0, "gmp.power must be"),
+        ("acdc-90", "acdc.sparsity", -0.1, "acdc.sparsity must be"),
+        ("acdc-90", "acdc.phase_epochs", 0.0, "acdc.phase_epochs must be"),
+        ("acdc-90", "acdc.final_epochs", 28.0, "exceed config.num_epochs"),
+        ("acdc-90", "acdc.reset_momentum", 1, "must be True or False"),
+        ("acdc-90", "acdc.compressor", "quantize", "one of"),
+        ("gmp-90", "distill.teacher_checkpoint", "x.safetensors", "'squad'"),
+        ("gmp-90", "distill.teacher_checkpoint", 3, "a path or ''"),
+    ],
+)
+def test_config_errors(method, field, value, match):
+  import ml_collections
+
+  from experiments import train as train_lib
+
+  # Not type-safe, as a config read back from JSON: the runner's own checks.
+  config = ml_collections.ConfigDict(digits(method).to_dict(), type_safe=False)
+  group, name = field.split(".")
+  config[group][name] = value
+  with pytest.raises((ValueError, TypeError), match=match):
+    train_lib.validate_config(config)
+
+
+def test_gmp_begin_and_end_on_one_step():
+  from experiments import optimizers
+
+  config = digits("gmp-90")
+  config.gmp.begin_epoch, config.gmp.end_epoch = 2.0, 2.01
+  with pytest.raises(ValueError, match="both step 44 at 22 steps per epoch"):
+    optimizers.make_optimizer(config, 22)
+
+
+def test_distillation_loss_closed_form():
+  from experiments import tasks
+
+  ln3 = np.log(3.0)
+  teacher = jnp.asarray([[2 * ln3, 0.0], [0.0, 0.0]], jnp.float32)
+  student = jnp.asarray([[0.0, 0.0], [0.0, 2 * ln3]], jnp.float32)
+  # T = 2: row 1 has teacher (3/4, 1/4), student (1/2, 1/2); row 2 has
+  # teacher (1/2, 1/2), student (1/4, 3/4).
+  kl1 = 0.75 * np.log(1.5) + 0.25 * np.log(0.5)
+  kl2 = 0.5 * np.log(2.0) + 0.5 * np.log(2.0 / 3.0)
+  got = tasks.distillation_loss(student, teacher, 2.0)
+  np.testing.assert_allclose(float(got), 4.0 * (kl1 + kl2) / 2, rtol=1e-6)
+  # No gradient reaches the teacher's logits.
+  grad = jax.grad(lambda t: tasks.distillation_loss(student, t, 2.0))(teacher)
+  assert np.all(np.asarray(grad) == 0)
+
+
+def test_bert_training_with_distillation(tmp_path):
+  from test_experiments_e2e import (
+      SQUAD_EXAMPLES,
+      VOCAB,
+      bert_config,
+      mock_tfds,
+  )
+
+  from cram_jax import models
+  from experiments import tasks
+  from experiments import train as train_lib
+  from experiments.metrics import read_jsonl
+
+  vocab_file = tmp_path / "vocab.txt"
+  vocab_file.write_text("\n".join(VOCAB) + "\n")
+  config = bert_config(tmp_path / "tfds", str(vocab_file))
+  config.optimizer.wrapper, config.name = "none", "adamw-distilled"
+  config.bert.overrides.hidden_dropout_prob = 0.0
+  config.bert.overrides.attention_probs_dropout_prob = 0.0
+  config.log_every_steps = 1
+  config.optimizer.learning_rate = 1e-2  # the student moves in 4 steps
+  # hidden 64: with the helper's 128, this file's safetensors header length
+  # (2432 = 0x980) starts with the byte 0x80, which
+  # models.convert.checkpoint_file takes for a pickle's first byte.
+  config.bert.overrides.hidden_size = 64
+  # Teacher = the student's starting point: the first step's KD term is 0.
+  model = models.BertForQuestionAnswering(tasks.bert_config(config))
+  ids = jnp.zeros((1, 8), jnp.int32)
+  teacher = model.init(jax.random.key(3), ids, train=False)["params"]
+  path = str(tmp_path / "teacher.safetensors")
+  models.save_bert(path, teacher)
+  config.init_checkpoint = config.distill.teacher_checkpoint = path
+  config.distill.weight, config.distill.temperature = 0.7, 2.0
+  run_dir = str(tmp_path / "run")
+  with mock_tfds(tmp_path / "tfds", examples=SQUAD_EXAMPLES):
+    summary = train_lib.train_and_evaluate(config, run_dir)
+  assert summary["status"] == "completed"
+  rows = [
+      r for r in read_jsonl(f"{run_dir}/metrics.jsonl") if r["split"] == "train"
+  ]
+  assert len(rows) == 4
+  assert rows[0]["distill_loss"] < 1e-6  # same logits as the teacher
+  assert rows[-1]["distill_loss"] > 1e-4  # the student has moved
+  for r in rows:
+    np.testing.assert_allclose(
+        r["loss"], 0.3 * r["hard_loss"] + 0.7 * r["distill_loss"], rtol=1e-5
+    )
+  bad = bert_config(tmp_path / "tfds", str(vocab_file))
+  bad.distill.teacher_checkpoint = str(tmp_path / "missing.safetensors")
+  with pytest.raises(ValueError, match="missing.safetensors"):
+    train_lib.validate_config(bad)
