@@ -203,28 +203,46 @@ def test_layerwise_erk_family_and_adam_state():
 
 
 def test_kept_weights_that_are_exactly_zero_stay_ahead_of_pruned_ones():
+  # A kept weight that training moved to exactly 0 ties with the pruned
+  # (zero) weights; it must still rank above them, whatever their flat index.
   params = params_tree()
-  # A kept weight at exactly 0 must not lose its place to a pruned weight
-  # (both have magnitude 0): the mask still only shrinks, counts stay exact.
-  kernel = np.array(params["head"]["kernel"])
-  kernel[0, :] = 0.0
-  params["head"]["kernel"] = jnp.asarray(kernel)
   tx = cram_jax.gmp(
-      optax.sgd(0.0),  # no movement: the zeros stay zeros
+      optax.sgd(0.0),
       compress.global_magnitude,
-      final_sparsity=0.95,
       begin_step=0,
-      end_step=4,
+      end_step=1,
       frequency=1,
-      power=1.0,
+      schedule=lambda t: (0.5, 0.6)[t],
   )
-  history, _ = run(tx, params, steps=5)
-  for t in range(5):
-    old = cram_jax.gmp_masks(history[t][1])
-    new = cram_jax.gmp_masks(history[t + 1][1])
-    assert kept_total(new) == round((1 - cubic(t, 0, 0.95, 0, 4, 1)) * N)
-    for p in PRUNABLE:
-      assert not np.any(leaf(new, p) & ~leaf(old, p)), (t, p)
+  step = jax.jit(tx.update)
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  updates, state = step(zero_grads, tx.init(params), params)
+  params = optax.apply_updates(params, updates)
+  old = cram_jax.gmp_masks(state)
+  assert kept_total(old) == 51
+  # Zero the last 15 kept weights (highest flat indices): 36 nonzero kept
+  # weights remain, fewer than the 41 the next update keeps.
+  flat_kept = np.flatnonzero(
+      np.concatenate([leaf(old, p).ravel() for p in PRUNABLE])
+  )
+  values = np.concatenate([leaf(params, p).ravel() for p in PRUNABLE])
+  values[flat_kept[-15:]] = 0.0
+  size = leaf(params, "conv/kernel").size
+  params = {
+      "conv": {
+          "kernel": jnp.asarray(values[:size].reshape(3, 3, 2, 4)),
+          "bias": params["conv"]["bias"],
+      },
+      "head": {"kernel": jnp.asarray(values[size:].reshape(6, 5))},
+  }
+  _, state = step(zero_grads, state, params)
+  new = cram_jax.gmp_masks(state)
+  assert kept_total(new) == round(0.4 * N) == 41
+  for p in PRUNABLE:
+    assert not np.any(leaf(new, p) & ~leaf(old, p)), p
+  # All 36 nonzero kept weights stay, plus 5 of the 15 zeroed ones.
+  kept = np.concatenate([leaf(new, p).ravel() for p in PRUNABLE])
+  assert np.all(kept[values != 0]) and kept[flat_kept[-15:]].sum() == 5
 
 
 def test_custom_schedule_and_masks_in_a_chain():
