@@ -241,7 +241,26 @@ def gmp_schedule(
   updates (the steps concentrated early), ``power=1`` is linear. Computed in
   float64 from Python numbers, so it can serve as a test oracle's input.
   """
-  owner = "gmp_schedule"
+  return _cubic(
+      initial_sparsity,
+      final_sparsity,
+      begin_step,
+      end_step,
+      power,
+      owner="gmp_schedule",
+  )
+
+
+def _cubic(
+    initial_sparsity: Any,
+    final_sparsity: Any,
+    begin_step: Any,
+    end_step: Any,
+    power: Any,
+    *,
+    owner: str,
+) -> Schedule:
+  """:func:`gmp_schedule`, its errors named after ``owner``."""
   s_i = check_target(initial_sparsity, "initial_sparsity", owner)
   s_f = check_target(final_sparsity, "final_sparsity", owner)
   t0 = check_step(begin_step, "begin_step", owner)
@@ -362,12 +381,8 @@ def gmp(
   if schedule is None:
     if final_sparsity is None:
       raise TypeError(f"{owner}: final_sparsity= is required (or schedule=)")
-    sparsity_at = gmp_schedule(
-        initial_sparsity=initial_sparsity,
-        final_sparsity=final_sparsity,
-        begin_step=t0,
-        end_step=t1,
-        power=power,
+    sparsity_at = _cubic(
+        initial_sparsity, final_sparsity, t0, t1, power, owner=owner
     )
   else:
     if not callable(schedule):

@@ -301,8 +301,18 @@ def gmp_kwargs(**overrides):
         (dict(final_sparsity=float("nan")), ValueError, "got nan"),
         (dict(final_sparsity="0.9"), TypeError, "final_sparsity must be a"),
         (dict(final_sparsity=None), TypeError, "final_sparsity= is required"),
-        (dict(initial_sparsity=0.95), ValueError, "0.95 > 0.9"),
-        (dict(power=0.0), ValueError, "power must be a finite number > 0"),
+        (
+            dict(initial_sparsity=0.95),
+            ValueError,
+            "gmp: initial_sparsity must be <= final_sparsity .* 0.95 > 0.9",
+        ),
+        (dict(power=0.0), ValueError, "gmp: power must be a finite number > 0"),
+        (dict(power=float("inf")), ValueError, "gmp: power .* got inf"),
+        (
+            dict(schedule=lambda t: "a"),
+            TypeError,
+            "gmp: schedule\\(0\\) \\(the sparsity\\) must be a real number",
+        ),
         (dict(schedule=0.5), TypeError, "schedule must be a callable"),
         (
             dict(schedule=lambda t: 0.9 - t / 100),
@@ -334,6 +344,18 @@ def test_bad_compressors_and_optimizers():
     cram_jax.gmp(
         optax.sgd(0.1), lambda s: compress.n_of_m(2, 4), **gmp_kwargs()
     )
+  with pytest.raises(TypeError, match="must return a compressor, got 3"):
+    cram_jax.gmp(optax.sgd(0.1), lambda s: 3, **gmp_kwargs())
+  with pytest.raises(ValueError, match="has 1 levels, not 6"):
+    cram_jax.gmp(
+        optax.sgd(0.1),
+        lambda s: compress.global_magnitude(0.5),
+        **gmp_kwargs(),
+    )
+  with pytest.raises(TypeError, match="gmp: params leaf 'w' has dtype int32"):
+    cram_jax.gmp(
+        optax.sgd(0.1), compress.global_magnitude, **gmp_kwargs()
+    ).init({"w": jnp.ones((3, 3), jnp.int32)})
   with pytest.raises(TypeError, match="did you mean optax.sgd"):
     cram_jax.gmp(optax.sgd, compress.global_magnitude, **gmp_kwargs())
   tx = cram_jax.gmp(optax.sgd(0.1), compress.global_magnitude, **gmp_kwargs())
