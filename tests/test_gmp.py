@@ -537,3 +537,42 @@ def test_bert_training_with_distillation(tmp_path):
   bad.distill.teacher_checkpoint = str(tmp_path / "missing.safetensors")
   with pytest.raises(ValueError, match="missing.safetensors"):
     train_lib.validate_config(bad)
+
+
+def test_gmp_under_pmap_keeps_replicas_in_step():
+  # Every replica gets the same (averaged) gradient, so every replica computes
+  # the same masks: the ones a single-device run computes.
+  devices = jax.devices()[:2]
+  params = params_tree()
+  tx = cram_jax.gmp(
+      optax.sgd(0.1, momentum=0.9),
+      compress.global_magnitude,
+      final_sparsity=0.8,
+      begin_step=0,
+      end_step=3,
+      frequency=1,
+  )
+
+  def step(params, state, key):
+    grads = jax.tree.map(
+        lambda p: 0.3 * jax.random.normal(key, p.shape, p.dtype), params
+    )
+    grads = jax.lax.pmean(grads, "batch")
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  replicate = lambda x: jnp.stack([x] * len(devices))  # noqa: E731
+  p_params = jax.tree.map(replicate, params)
+  p_state = jax.tree.map(replicate, tx.init(params))
+  p_step = jax.pmap(step, axis_name="batch", devices=devices)
+  history, _ = run(tx, params, steps=4)
+  key = jax.random.key(1)
+  for t in range(4):
+    key, sub = jax.random.split(key)
+    p_params, p_state = p_step(p_params, p_state, jnp.stack([sub] * 2))
+    masks = cram_jax.gmp_masks(p_state)
+    reference = cram_jax.gmp_masks(history[t + 1][1])
+    for p in PRUNABLE:
+      m = leaf(masks, p)
+      np.testing.assert_array_equal(m[0], m[1])
+      np.testing.assert_array_equal(m[0], leaf(reference, p))
