@@ -450,3 +450,24 @@ def test_trees_of_the_wrong_model(params):
     convert.import_bert(list(bert_state), params)
   with pytest.raises(TypeError, match="bert_abstract_params: model must be"):
     convert.bert_abstract_params(rn)
+
+
+def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path):
+  # The header length is little-endian, so a length like 0x980 starts the file
+  # with 0x80, a pickle's first opcode; one file in 32 has such a length.
+  import json
+
+  values = np.arange(6, dtype=np.float32).reshape(2, 3)
+  header = json.dumps(
+      {"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}
+  ).encode()
+  header += b" " * (0x980 - len(header))  # the format allows space padding
+  path = tmp_path / "padded.safetensors"
+  path.write_bytes(
+      len(header).to_bytes(8, "little") + header + values.tobytes()
+  )
+  assert path.read_bytes()[0] == 0x80
+  assert convert.checkpoint_file(path) == str(path)
+  np.testing.assert_array_equal(
+      safetensors_numpy.load_file(str(path))["w"], values
+  )

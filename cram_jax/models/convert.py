@@ -585,8 +585,13 @@ def checkpoint_file(path: str | os.PathLike, owner: str = "load_bert") -> str:
         "directory holding model.safetensors)"
     )
   with open(path, "rb") as f:
-    head = f.read(8)
+    head = f.read(9)
   size = os.path.getsize(path)
+  # safetensors: an 8-byte little-endian header length, then a JSON header.
+  # Tested first: a header length's low byte may be 0x80, a pickle's opcode.
+  header_fits = size >= 9 and int.from_bytes(head[:8], "little") <= size - 8
+  if header_fits and head[8:9] == b"{":
+    return path
   # A torch.save file is a zip archive (PK..) or, before torch 1.6, a raw
   # pickle (protocol 2+ starts with 0x80).
   if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
@@ -594,8 +599,7 @@ def checkpoint_file(path: str | os.PathLike, owner: str = "load_bert") -> str:
         f"{owner}: {path!r} is a PyTorch (pickle) checkpoint, not safetensors; "
         + _TORCH_HELP.format(path=path)
     )
-  # safetensors: an 8-byte little-endian header length, then a JSON header.
-  if size < 8 or int.from_bytes(head, "little") > size - 8:
+  if not header_fits:
     raise ValueError(
         f"{owner}: {path!r} is truncated or not a safetensors file "
         f"({size} bytes; a safetensors file starts with an 8-byte header "
