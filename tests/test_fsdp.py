@@ -10,23 +10,33 @@ runner trains digits and tiny BERT under `fsdp` and resumes bitwise after
 SIGKILL.
 """
 
+import contextlib
+import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_experiments_e2e
 from jax.sharding import PartitionSpec as P
 from parallel_checks import (
-    LOSS_RTOL,
-    assert_close_relative_to_change,
-    assert_same_masks,
-    masks_by_step,
-    spy_on_masks,
+  LOSS_RTOL,
+  assert_close_relative_to_change,
+  assert_same_masks,
+  masks_by_step,
+  spy_on_masks,
 )
+from test_resume import last_logged_step
 
 from cram_jax.data import make_pipeline, prepare_digits
-from experiments import cli, train
+from experiments import cli, optimizers, train
 from experiments import parallel as parallel_lib
 from experiments.checkpointing import Checkpointer
 from experiments.configs import digits
@@ -220,6 +230,59 @@ def test_a_state_in_other_shardings_is_refused_not_resharded(both_modes):
     step.lower(replicated, runs["fsdp"]["batch"])
 
 
+WIDTH, LAYERS = 256, 4  # params (1 MiB) dominate a batch of 16 rows
+
+
+def mlp_loss(params, batch_stats, batch, rng):
+  del rng
+  h = batch["x"]
+  for i in range(LAYERS):
+    h = jnp.tanh(h @ params[f"l{i}"]["kernel"])
+  loss = jnp.mean((h - batch["y"]) ** 2)
+  return loss, (batch_stats, {"loss": loss})
+
+
+def step_temp_bytes(method):
+  """Temp bytes per device of the runner's `fsdp` step of `method` on an MLP."""
+  config = digits.get_config(method)
+  config.parallel = "fsdp"
+  parallel = parallel_lib.make_parallel(config)
+  tx = optimizers.make_optimizer(config, 10)
+  task = types.SimpleNamespace(loss=mlp_loss)
+  run = train.Run(config, parallel, task, 10, 10, 16, tx)
+  rng = np.random.default_rng(0)
+  params = {
+      f"l{i}": {
+          "kernel": rng.normal(size=(WIDTH, WIDTH)).astype(np.float32) / 16
+      }
+      for i in range(LAYERS)
+  }
+  state = {
+      "step": np.int32(0),
+      "params": params,
+      "batch_stats": {},
+      "opt_state": jax.device_get(tx.init(params)),
+      "rng": np.zeros(2, np.uint32),
+  }
+  batch = {
+      k: rng.normal(size=(16, WIDTH)).astype(np.float32) for k in ("x", "y")
+  }
+  compiled = (
+      parallel.compile_step(train.make_train_step(run))
+      .lower(parallel.place_state(state), parallel.place_batch(batch))
+      .compile()
+  )
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_cram_plus_peak_is_within_one_param_copy_of_sams():
+  # Measured at 4x256^2 and 4x1024^2: CrAM+ - SAM = 0.32 of the unsharded
+  # params (docs/scaling.md); keeping any more full copies breaks the bound.
+  param_bytes = LAYERS * WIDTH * WIDTH * 4
+  sam, cram_plus = step_temp_bytes("sam"), step_temp_bytes("cram+-multi")
+  assert sam < cram_plus <= sam + param_bytes, (sam, cram_plus, param_bytes)
+
+
 # ------------------------------------------------------------------ checkpoints
 
 
@@ -261,8 +324,6 @@ def test_sharded_checkpoint_saves_shards_and_restores_into_any_placement(
   w = leaves["['params']['w']"]
   # One digest per shard, each the sha256 of that block of the host value.
   assert w["sha256"] is None and len(w["shards"]) == N
-  import hashlib  # pylint: disable=import-outside-toplevel
-
   for i in range(N):
     block = np.ascontiguousarray(host["params"]["w"][:, 8 * i : 8 * i + 8])
     assert (
@@ -324,3 +385,136 @@ def test_a_corrupted_shard_is_caught_by_its_digest(tmp_path):
           parallel.abstract_state(jax.eval_shape(lambda: host))
       )
   assert step == 1
+
+
+# ------------------------------------------------------------------ the runner
+
+E2E = {  # steps, checkpoint cadence, the logged step after which to SIGKILL
+    "digits": (30, 10, 12),
+    "bert": (12, 4, 6),
+}
+
+
+def e2e_config(kind, data_dir):
+  """The runner's config for `kind` under `fsdp` on 8 devices (no downloads)."""
+  steps, every, _ = E2E[kind]
+  if kind == "digits":
+    config = digits.get_config("cram+-multi")
+    config.data_dir = data_dir
+  else:
+    config = test_experiments_e2e.bert_config(
+        data_dir, os.path.join(data_dir, "vocab.txt")
+    )
+  config.parallel, config.num_devices = "fsdp", N
+  config.num_train_steps = steps
+  config.checkpoint_every_steps = every
+  config.log_every_steps = 1
+  config.progress = False
+  return config
+
+
+def data_for(kind, data_dir):
+  """A context with `kind`'s data readable under `data_dir`."""
+  if kind == "digits":
+    return contextlib.nullcontext()
+  return test_experiments_e2e.mock_tfds(
+      data_dir, examples=test_experiments_e2e.SQUAD_EXAMPLES
+  )
+
+
+def main(argv):
+  """`python tests/test_fsdp.py KIND WORKDIR DATA_DIR`: one runner session."""
+  kind, workdir, data_dir = argv
+  with data_for(kind, data_dir):
+    train.train_and_evaluate(e2e_config(kind, data_dir), workdir)
+
+
+def command(kind, workdir, data_dir):
+  return [sys.executable, os.path.abspath(__file__), kind, workdir, data_dir]
+
+
+def environment(cache_dir):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={N}"
+  env["PYTHONPATH"] = os.pathsep.join(
+      [ROOT, os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")]
+  )
+  env["PYTHONUNBUFFERED"] = "1"
+  # The three sessions of a test compile the same programs: once is enough.
+  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  return env
+
+
+def run_to_completion(kind, workdir, data_dir, cache_dir):
+  done = subprocess.run(
+      command(kind, workdir, data_dir),
+      env=environment(cache_dir),
+      capture_output=True,
+      text=True,
+      timeout=500,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["status"] == "completed"
+  assert summary["step"] == E2E[kind][0]
+
+
+def sigkill(kind, workdir, data_dir, cache_dir):
+  steps, _, after = E2E[kind]
+  process = subprocess.Popen(
+      command(kind, workdir, data_dir),
+      env=environment(cache_dir),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  deadline = time.monotonic() + 400
+  while last_logged_step(workdir) < after:
+    assert process.poll() is None, process.stderr.read()[-3000:]
+    assert time.monotonic() < deadline, "the run did not reach the step in time"
+    time.sleep(0.01)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait(timeout=60) == -signal.SIGKILL
+  assert last_logged_step(workdir) < steps, "killed too late to be mid-run"
+
+
+@pytest.mark.parametrize("kind", ["digits", "bert"])
+def test_fsdp_trains_and_resumes_bitwise_after_sigkill(
+    kind, digits_dir, tmp_path
+):
+  data_dir = digits_dir if kind == "digits" else str(tmp_path / "tfds")
+  if kind == "bert":
+    os.makedirs(data_dir)
+    with open(os.path.join(data_dir, "vocab.txt"), "w") as f:
+      f.write("\n".join(test_experiments_e2e.VOCAB) + "\n")
+  cache = str(tmp_path / "jax_cache")
+  reference, resumed = str(tmp_path / "reference"), str(tmp_path / "resumed")
+  run_to_completion(kind, reference, data_dir, cache)
+  sigkill(kind, resumed, data_dir, cache)
+  run_to_completion(kind, resumed, data_dir, cache)
+
+  with data_for(kind, data_dir):
+    # On the mesh, as `fsdp` placed it: kernels split over the 8 devices.
+    run, on_mesh = train.load_final(resumed, on_devices=True)
+    assert run.config.parallel == "fsdp"
+    specs = [x.sharding.spec for x in jax.tree.leaves(on_mesh["params"])]
+    sharded = [s for s in specs if "batch" in s]
+    assert len(sharded) >= 3, specs
+    for x in jax.tree.leaves(on_mesh["params"]):
+      shard = x.addressable_shards[0].data
+      assert shard.size * N == x.size or x.sharding.spec == P()
+    # To the host, as `jit` (or one-shot evaluation) restores it.
+    got = train.load_final(resumed)[1]
+    want = train.load_final(reference)[1]
+  assert int(got["step"]) == int(want["step"]) == E2E[kind][0]
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  jax.tree.map(
+      np.testing.assert_array_equal, run.parallel.host_state(on_mesh), want
+  )
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
