@@ -53,7 +53,10 @@ replicated leaf gets the whole-leaf digest from one device's copy. After a
 restore each recorded digest is checked against the same region of the
 restored leaf wherever this process holds it: all of them when restored into
 the saved shardings or to the host; a region split across devices by other
-shardings is not checked (path, shape and dtype still are).
+shardings is not checked (path, shape and dtype still are). A whole-leaf digest
+(a host checkpoint) of a leaf restored sharded is checked on that leaf brought
+to the host if this process can address all of it. Hashing copies at most
+``_HASH_CHUNK_BYTES`` to the host at a time.
 """
 
 from __future__ import annotations
@@ -129,14 +132,28 @@ def _key_slices(key: str) -> tuple[slice, ...]:
   return tuple(slice(*map(int, part.split(":"))) for part in key.split(","))
 
 
+# Bytes brought to the host at once for hashing: bounds the host memory a save
+# or restore of a large (sharded) state needs.
+_HASH_CHUNK_BYTES = 256 << 20
+
+
 def _hash_all(buffers: list) -> list[str]:
-  """sha256 of each buffer: one batched device-to-host copy, hashed in threads
-  (hashlib releases the GIL)."""
-  host = jax.device_get(buffers)
+  """sha256 of each buffer: batched device-to-host copies of up to
+  ``_HASH_CHUNK_BYTES``, hashed in threads (hashlib releases the GIL)."""
+  digests: list[str] = []
   with concurrent.futures.ThreadPoolExecutor(
       min(8, os.cpu_count() or 1)
   ) as pool:
-    return list(pool.map(lambda x: _sha256(np.asarray(x)), host))
+    start = 0
+    while start < len(buffers):
+      stop, size = start, 0
+      while stop < len(buffers) and (stop == start or size < _HASH_CHUNK_BYTES):
+        size += np.size(buffers[stop]) * np.dtype(buffers[stop].dtype).itemsize
+        stop += 1
+      host = jax.device_get(buffers[start:stop])
+      digests += pool.map(lambda x: _sha256(np.asarray(x)), host)
+      start = stop
+  return digests
 
 
 def _leaf_digests(leaves: list) -> list[tuple[str | None, dict | None]]:

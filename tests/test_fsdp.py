@@ -36,7 +36,7 @@ from parallel_checks import (
 from test_resume import last_logged_step
 
 from cram_jax.data import make_pipeline, prepare_digits
-from experiments import cli, optimizers, train
+from experiments import checkpointing, cli, optimizers, train
 from experiments import parallel as parallel_lib
 from experiments.checkpointing import Checkpointer
 from experiments.configs import digits
@@ -332,9 +332,12 @@ def sharded_state():
   return parallel, host, parallel.place_state(host)
 
 
+@pytest.mark.parametrize("chunk", [None, 1000])
 def test_sharded_checkpoint_saves_shards_and_restores_into_any_placement(
-    tmp_path,
+    tmp_path, monkeypatch, chunk
 ):
+  if chunk:  # hashed a shard or two at a time
+    monkeypatch.setattr(checkpointing, "_HASH_CHUNK_BYTES", chunk)
   parallel, host, state = sharded_state()
   assert state["params"]["w"].sharding.spec == P(None, "batch")
   assert state["params"]["b"].sharding.spec == P()  # 64 elements: replicated
