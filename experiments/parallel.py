@@ -268,6 +268,7 @@ class _StepWithShardings:
   def _jit(self, state):
     if self._jitted is None:
       shardings = self._parallel.state_sharding(state)
+      _check_placed(state, shardings)
       self._jitted = jax.jit(
           self._step,
           in_shardings=(shardings, self._parallel.batch_sharding),
@@ -281,6 +282,27 @@ class _StepWithShardings:
 
   def lower(self, state, batch):
     return self._jit(state).lower(state, batch)
+
+
+def _check_placed(state: Any, shardings: Any) -> None:
+  """Raises ValueError naming the first leaf of `state` that is a jax.Array
+  placed other than `shardings` say (host values are placed by the jit)."""
+  for (path, x), want in zip(
+      jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(shardings)
+  ):
+    if isinstance(x, jax.Array) and not x.sharding.is_equivalent_to(
+        want, x.ndim
+    ):
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      got = x.sharding
+      if isinstance(got, NamedSharding):
+        got = got.spec
+      raise ValueError(
+          f"fsdp step: leaf '{name}' is placed as {got} over "
+          f"{len(x.sharding.device_set)} devices, not as fsdp places it "
+          f"({want.spec} over {len(want.device_set)} devices); pass the state "
+          "through FsdpParallel.place_state first"
+      )
 
 
 def _first_shard(x: Any) -> np.ndarray:

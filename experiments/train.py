@@ -515,7 +515,10 @@ def init_state(run: Run, sample_batch: dict[str, np.ndarray]) -> State:
   )
   if run.config.init_checkpoint:
     state["params"] = tasks.load_pretrained(run.config, state["params"])
-    state["opt_state"] = jax.jit(run.tx.init)(state["params"])
+    state["opt_state"] = jax.jit(
+        run.tx.init,
+        out_shardings=None if shardings is None else shardings["opt_state"],
+    )(state["params"])
   return state
 
 

@@ -243,17 +243,6 @@ def test_fsdp_holds_about_one_eighth_of_the_state_per_device(both_modes):
   assert jit_memory.argument_size_in_bytes >= total
 
 
-def test_a_state_in_other_shardings_is_refused_not_resharded(both_modes):
-  _, runs = both_modes
-  run = runs["fsdp"]["run"]
-  step = run.parallel.compile_step(train.make_train_step(run))
-  replicated = jax.device_put(
-      run.parallel.host_state(runs["fsdp"]["placed"]), run.parallel.replicated
-  )
-  with pytest.raises(ValueError, match="sharding"):
-    step.lower(replicated, runs["fsdp"]["batch"])
-
-
 WIDTH, LAYERS = 256, 4  # params (1 MiB) dominate a batch of 16 rows
 
 
@@ -376,6 +365,24 @@ def test_sharded_checkpoint_saves_shards_and_restores_into_any_placement(
     _, on_host, _ = ckpt.restore_latest(structure)
   jax.tree.map(np.testing.assert_array_equal, on_host, host)
   assert isinstance(on_host["params"]["w"], np.ndarray)
+
+
+def test_a_state_in_other_shardings_is_refused_not_resharded():
+  parallel, host, state = sharded_state()
+  step = parallel.compile_step(lambda s, b: (s, {"loss": b["x"].mean()}))
+  batch = parallel.place_batch({"x": np.ones((8, 2), np.float32)})
+  replicated = jax.device_put(host, parallel.replicated)
+  with pytest.raises(
+      ValueError,
+      match=r"fsdp step: leaf 'opt_state/m' is placed as P\(\) over 8 "
+      r"devices, not as fsdp places it \(P\(None, 'batch'\) over 8 devices\)",
+  ):
+    step(replicated, batch)
+  # Placed by `place_state`, it runs and hands back the same placement.
+  out, _ = step(state, batch)
+  assert jax.tree.map(lambda x: x.sharding, out) == jax.tree.map(
+      lambda x: x.sharding, parallel.place_state(host)
+  )
 
 
 def test_a_jit_checkpoint_restores_sharded(tmp_path):
