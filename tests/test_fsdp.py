@@ -3,7 +3,9 @@
 On 8 simulated CPU devices (tests/conftest.py): the placement rule on hand-made
 shapes; the runner's SGD and CrAM+-Multi steps on digits ResNet-8 take the steps
 `jit` on one device takes (relative to the change, masks exactly; see
-tests/parallel_checks.py), with about 1/8 of the state per device; a sharded
+tests/parallel_checks.py), with about 1/8 of the state per device, and so does
+SAM's on an MLP, whose CrAM+ step needs at most one parameter copy more
+temporary memory than SAM's; a sharded
 state saves and restores with orbax without a gather, its per-shard digests
 catch a corrupted shard, and it restores into other modes' placements; and the
 runner trains digits and tiny BERT under `fsdp` and resumes bitwise after
@@ -255,10 +257,12 @@ def mlp_loss(params, batch_stats, batch, rng):
   return loss, (batch_stats, {"loss": loss})
 
 
-def step_temp_bytes(method):
-  """Temp bytes per device of the runner's `fsdp` step of `method` on an MLP."""
+def mlp_step(method, parallel, num_devices):
+  """The runner's step of `method` on an MLP: (compiled step, placed state,
+  placed batch, host state) under `parallel` on `num_devices` devices."""
   config = digits.get_config(method)
-  config.parallel = "fsdp"
+  config.parallel, config.num_devices = parallel, num_devices
+  config.optimizer.learning_rate = 0.02
   parallel = parallel_lib.make_parallel(config)
   tx = optimizers.make_optimizer(config, 10)
   task = types.SimpleNamespace(loss=mlp_loss)
@@ -270,7 +274,7 @@ def step_temp_bytes(method):
       }
       for i in range(LAYERS)
   }
-  state = {
+  host = {
       "step": np.int32(0),
       "params": params,
       "batch_stats": {},
@@ -280,19 +284,47 @@ def step_temp_bytes(method):
   batch = {
       k: rng.normal(size=(16, WIDTH)).astype(np.float32) for k in ("x", "y")
   }
-  compiled = (
-      parallel.compile_step(train.make_train_step(run))
-      .lower(parallel.place_state(state), parallel.place_batch(batch))
-      .compile()
-  )
-  return compiled.memory_analysis().temp_size_in_bytes
+  state = parallel.place_state(host)
+  batch = parallel.place_batch(batch)
+  step = parallel.compile_step(train.make_train_step(run))
+  return step.lower(state, batch).compile(), state, batch, host
+
+
+def test_sam_under_fsdp_takes_the_steps_jit_takes():
+  fsdp, state, batch, initial = mlp_step("sam", "fsdp", N)
+  jit, reference, jit_batch, _ = mlp_step("sam", "jit", 1)
+  assert "batch" in state["params"]["l0"]["kernel"].sharding.spec
+  for t in range(STEPS):  # SAM's sync period is 2: both of its phases
+    state, _ = fsdp(state, batch)
+    reference, _ = jit(reference, jit_batch)
+    where = f"sam, step {t + 1}"
+    assert_close_relative_to_change(
+        jax.device_get(state["params"]),
+        jax.device_get(reference["params"]),
+        initial["params"],
+        where,
+    )
+    # SAM's counters exactly; its base optimizer's momentum like the params.
+    for g, w, x0 in zip(
+        *(
+            jax.tree.leaves(jax.device_get(tree["opt_state"]))
+            for tree in (state, reference, initial)
+        )
+    ):
+      if np.issubdtype(np.asarray(w).dtype, np.integer):
+        np.testing.assert_array_equal(g, w, err_msg=where)
+      else:
+        assert_close_relative_to_change(g, w, x0, f"{where}: momentum")
 
 
 def test_cram_plus_peak_is_within_one_param_copy_of_sams():
   # Measured at 4x256^2 and 4x1024^2: CrAM+ - SAM = 0.32 of the unsharded
   # params (docs/scaling.md); keeping any more full copies breaks the bound.
   param_bytes = LAYERS * WIDTH * WIDTH * 4
-  sam, cram_plus = step_temp_bytes("sam"), step_temp_bytes("cram+-multi")
+  sam, cram_plus = (
+      mlp_step(method, "fsdp", N)[0].memory_analysis().temp_size_in_bytes
+      for method in ("sam", "cram+-multi")
+  )
   assert cram_plus <= sam + param_bytes, (sam, cram_plus, param_bytes)
 
 
