@@ -366,7 +366,7 @@ def config_with(**fields):
         ({"cram__compressor": "topk"}, ValueError, "config.cram.compressor must be one of ('global', 'layerwise', 'nm', 'quantize'), got 'topk'"),
         ({"cram__compressor": "quantize", "cram__bits": (8, 1)}, ValueError, "config.cram.bits[1] must be an int in [2, 16], got 1"),
         ({"warmup_epochs": 31.0}, ValueError, "config.warmup_epochs=31.0 is longer than config.num_epochs=30"),
-        ({"parallel": "pjit"}, ValueError, "config.parallel must be one of ('jit', 'pmap'), got 'pjit'"),
+        ({"parallel": "pjit"}, ValueError, "config.parallel must be one of ('jit', 'pmap', 'fsdp'), got 'pjit'"),
         ({"num_devices": -1}, ValueError, "config.num_devices must be a non-negative int, got -1"),
         ({"optimizer__wrapper": "lookahead"}, ValueError, "config.optimizer.wrapper must be one of ('none', 'sam', 'cram', 'gmp', 'acdc'), got 'lookahead'"),
         ({"optimizer__base": "lamb"}, ValueError, "config.optimizer.base must be one of ('sgd', 'adamw'), got 'lamb'"),
