@@ -1,15 +1,19 @@
-"""Data parallelism: `jit` over a device mesh (default) or `pmap`.
+"""Data parallelism: `jit` over a device mesh (default), `pmap`, or `fsdp`.
 
-Both give the same numbers. With `jit`, the batch is one global array sharded over a
+All give the same numbers. With `jit`, the batch is one global array sharded over a
 1-D mesh axis and params are replicated: BatchNorm and the loss see the global batch
 and XLA inserts the all-reduces, so CrAM perturbs with the global gradient by
 construction. With `pmap`, each device runs the step on its shard: gradients are
 `pmean`-ed explicitly (SAM and CrAM take `batch_axis_name`) and BatchNorm averages its
 batch statistics over the axis, which reproduces the global-batch computation.
+`fsdp` is `jit` with params and optimizer state sharded over the same axis as the
+batch (ZeRO-3 style; the rule is `fsdp_spec`): XLA gathers each weight where it is
+used, so every device holds about 1/devices of the state between steps.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from experiments.cli import ConfigError
@@ -60,8 +65,16 @@ class MeshParallel:
     return jax.device_put(state, self.replicated)
 
   def host_state(self, state: Any) -> Any:
-    """One copy of the state in host memory, for checkpoints."""
+    """One copy of the state in host memory."""
     return jax.tree.map(_first_shard, state)
+
+  def checkpoint_state(self, state: Any) -> Any:
+    """What a checkpoint saves: the host copy (the state is replicated)."""
+    return self.host_state(state)
+
+  def abstract_state(self, structure: Any) -> Any:
+    """The restore target: `structure` as is (restored to the host)."""
+    return structure
 
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     # Each process contributes its local rows; together they form the global batch.
@@ -99,6 +112,73 @@ class MeshParallel:
     return self._replicate_fn(tree)
 
 
+class FsdpParallel(MeshParallel):
+  """`jit` with params and optimizer state sharded (`fsdp_spec`), the batch
+  sharded over the same axis, and the rest of the state (step, rng, BatchNorm
+  statistics) replicated."""
+
+  # Top-level state entries whose leaves are sharded; the rest are replicated.
+  SHARDED = ("params", "opt_state")
+
+  def state_sharding(self, state: Any) -> Any:
+    """`NamedSharding`s for a state (arrays or `jax.ShapeDtypeStruct`s): the
+    runner's state dict, or any pytree (then every leaf follows `fsdp_spec`)."""
+    n = len(self.devices)
+
+    def leaf(x):
+      return NamedSharding(self.mesh, fsdp_spec(np.shape(x), n))
+
+    def replicate(x):
+      del x
+      return self.replicated
+
+    if isinstance(state, dict) and set(self.SHARDED) <= set(state):
+      return {
+          k: jax.tree.map(leaf if k in self.SHARDED else replicate, v)
+          for k, v in state.items()
+      }
+    return jax.tree.map(leaf, state)
+
+  def abstract_state(self, structure: Any) -> Any:
+    """`structure` (ShapeDtypeStructs) with this mode's shardings: a checkpoint
+    restores straight into them, with no full copy on the host or a device."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        structure,
+        self.state_sharding(structure),
+    )
+
+  def place_state(self, state: Any) -> Any:
+    shardings = self.state_sharding(state)
+    # Host values are cut per device (no device holds the whole leaf); a
+    # jax.Array already placed so is left as it is.
+    return jax.tree.map(_put, state, shardings)
+
+  def host_state(self, state: Any) -> Any:
+    """The whole state in host memory (gathered: for tests and small models)."""
+
+    def gather(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return np.asarray(x)
+
+    return jax.tree.map(gather, state)
+
+  def checkpoint_state(self, state: Any) -> Any:
+    """The sharded state itself: each process saves its own shards."""
+    return state
+
+  def compile_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
+    return _StepWithShardings(self, step)
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+  if isinstance(x, jax.Array):
+    return jax.device_put(x, sharding)
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
 class PmapParallel:
   """`pmap` over local devices; the step body uses `AXIS` for its collectives."""
 
@@ -131,6 +211,12 @@ class PmapParallel:
   def host_state(self, state: Any) -> Any:
     return jax.tree.map(lambda x: _first_shard(x)[0], state)
 
+  def checkpoint_state(self, state: Any) -> Any:
+    return self.host_state(state)
+
+  def abstract_state(self, structure: Any) -> Any:
+    return structure
+
   def place_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     n = self.num_replicas
     out = {}
@@ -161,6 +247,59 @@ class PmapParallel:
     )
 
 
+# Leaves with fewer elements stay replicated under `fsdp`: splitting them saves
+# little memory and costs a collective each.
+FSDP_MIN_SIZE = 1024
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int) -> PartitionSpec:
+  """How `fsdp` places a params or optimizer-state leaf of `shape`.
+
+  Split along its largest axis whose size is a multiple of `num_devices` (the
+  last such axis on a tie: a kernel's output features, so that N:M groups along
+  the input axis stay whole on a device); replicated when the leaf has fewer than
+  `FSDP_MIN_SIZE` elements, is a scalar, or has no such axis.
+  """
+  if num_devices <= 1 or math.prod(shape) < FSDP_MIN_SIZE:
+    return PartitionSpec()
+  axes = [i for i, d in enumerate(shape) if d % num_devices == 0]
+  if not axes:
+    return PartitionSpec()
+  axis = max(axes, key=lambda i: (shape[i], i))
+  return PartitionSpec(*[AXIS if i == axis else None for i in range(axis + 1)])
+
+
+class _StepWithShardings:
+  """A train step jitted with in/out shardings fixed by the state it is first
+  called with (`FsdpParallel.state_sharding` of it), the state donated.
+
+  A state in other shardings is an error, not a silent reshard. `lower(state,
+  batch)` gives the lowered step (e.g. for `.compile().memory_analysis()`).
+  """
+
+  def __init__(self, parallel: FsdpParallel, step: Callable[..., Any]):
+    self._parallel = parallel
+    self._step = step
+    self._jitted = None
+
+  def _jit(self, state):
+    if self._jitted is None:
+      shardings = self._parallel.state_sharding(state)
+      self._jitted = jax.jit(
+          self._step,
+          in_shardings=(shardings, self._parallel.batch_sharding),
+          out_shardings=(shardings, self._parallel.replicated),
+          donate_argnums=(0,),
+      )
+    return self._jitted
+
+  def __call__(self, state, batch):
+    return self._jit(state)(state, batch)
+
+  def lower(self, state, batch):
+    return self._jit(state).lower(state, batch)
+
+
 def _first_shard(x: Any) -> np.ndarray:
   """This process's first shard of `x` as NumPy: the whole value when replicated,
   replica 0's row under pmap. Reading one shard avoids a slicing program per leaf.
@@ -170,17 +309,20 @@ def _first_shard(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
-def make_parallel(config) -> MeshParallel | PmapParallel:
-  """`config.parallel` ('jit' or 'pmap') over `config.num_devices` devices (0: all)."""
+MODES = ("jit", "pmap", "fsdp")
+
+
+def make_parallel(config) -> MeshParallel | FsdpParallel | PmapParallel:
+  """`config.parallel` (one of `MODES`) over `config.num_devices` devices (0: all)."""
   mode = config.parallel
   count = config.num_devices
-  if mode == "jit":
+  if mode in ("jit", "fsdp"):
     devices = jax.devices()
   elif mode == "pmap":
     devices = jax.local_devices()
   else:
     raise ConfigError(
-        f"config.parallel={mode!r}; use 'jit' (device mesh) or 'pmap'"
+        f"config.parallel={mode!r}; use 'jit' (device mesh), 'pmap' or 'fsdp'"
     )
   if count:
     if count > len(devices):
@@ -190,6 +332,8 @@ def make_parallel(config) -> MeshParallel | PmapParallel:
     devices = devices[:count]
   if mode == "jit":
     return MeshParallel(devices)
+  if mode == "fsdp":
+    return FsdpParallel(devices)
   return PmapParallel(devices)
 
 

@@ -2,7 +2,7 @@ r"""Train a model from a config, data-parallel, with preemption-safe checkpoints
 
   python experiments/train.py \
       --config experiments/configs/resnet20_cifar10.py:cram+-multi \
-      --workdir runs/rn20_cram [--config.num_epochs=10 --config.parallel=pmap ...]
+      --workdir runs/rn20_cram [--config.num_epochs=10 --config.parallel=fsdp ...]
       [--verbosity=0: show absl/orbax INFO logs]
 
 Everything a run needs to continue lives in `workdir/checkpoints` (params,
@@ -260,7 +260,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_int(config, "seed", 0)
 
   # How it runs.
-  _check_choice(config, "parallel", ("jit", "pmap"))
+  _check_choice(config, "parallel", parallel_lib.MODES)
   _check_int(config, "num_devices", 0)
   _check_int(config, "checkpoint_every_steps", 1)
   _check_int(config, "keep_checkpoints", 1)
@@ -287,7 +287,8 @@ def method_label(config: ml_collections.ConfigDict) -> str:
 # Config fields that may differ when a workdir's run is resumed: its length (the
 # learning-rate schedule follows the new length from the resumed step on), the
 # logging and checkpoint cadence, paths, and how the work is spread over devices
-# and hosts (which does not change the numbers). Every other field defines the
+# and hosts (which does not change the numbers; a checkpoint restores into any
+# mode's shardings, `jit` <-> `fsdp` included). Every other field defines the
 # run: resuming with another value is refused.
 MUTABLE_FIELDS = (
     "num_epochs",
@@ -501,9 +502,17 @@ def fresh_state(run: Run, sample_batch: dict[str, Any]) -> State:
 
 
 def init_state(run: Run, sample_batch: dict[str, np.ndarray]) -> State:
-  """Fresh state on the host: params (maybe pretrained), BN statistics, optimiser state."""
+  """Fresh state: params (maybe pretrained), BN statistics, optimiser state.
+
+  Under `fsdp` it is built in its shardings (no device holds all of it).
+  """
   # One compilation, instead of one per optimiser-state leaf.
-  state = jax.jit(lambda b: fresh_state(run, b))(sample_batch)
+  shardings = None
+  if hasattr(run.parallel, "state_sharding"):
+    shardings = run.parallel.state_sharding(state_structure(run, sample_batch))
+  state = jax.jit(lambda b: fresh_state(run, b), out_shardings=shardings)(
+      sample_batch
+  )
   if run.config.init_checkpoint:
     state["params"] = tasks.load_pretrained(run.config, state["params"])
     state["opt_state"] = jax.jit(run.tx.init)(state["params"])
@@ -678,7 +687,10 @@ def train_and_evaluate(
       keep=config.keep_checkpoints,
   )
   try:
-    restored = checkpointer.restore_latest(state_structure(run, sample))
+    # Under `fsdp` straight into the state's shardings; else to the host.
+    restored = checkpointer.restore_latest(
+        run.parallel.abstract_state(state_structure(run, sample))
+    )
   except BaseException:
     checkpointer.close()
     raise
@@ -772,14 +784,15 @@ def train_and_evaluate(
         )
       if step % run.steps_per_epoch == 0 or step == run.total_steps:
         last_eval = evaluate_now()
-      # The host copy of the state is built only when a save is due. A SIGTERM that
-      # lands after `save_due` is handled at the next step.
+      # The host copy of the state (`jit`, `pmap`; `fsdp` saves its shards as
+      # they are) is built only when a save is due. A SIGTERM that lands after
+      # `save_due` is handled at the next step.
       due = checkpointer.save_due(step, force=step == run.total_steps)
       if due:
         started = time.perf_counter()
         checkpointer.maybe_save(
             step,
-            run.parallel.host_state(state),
+            run.parallel.checkpoint_state(state),
             {"data": data_state},
             force=True,
         )
@@ -818,10 +831,15 @@ def train_and_evaluate(
 
 
 def load_final(
-    workdir: str, config: ml_collections.ConfigDict | None = None
+    workdir: str,
+    config: ml_collections.ConfigDict | None = None,
+    *,
+    on_devices: bool = False,
 ) -> tuple[Run, State]:
   """Rebuilds a run from `workdir/config.json` (or `config`) and restores its newest
-  intact checkpoint to the host."""
+  intact checkpoint to the host, or with `on_devices=True` in the shardings of
+  the run's `config.parallel` (`fsdp`: sharded, never whole on the host; the
+  checkpoint may come from any mode)."""
   if config is None:
     with open(os.path.join(workdir, "config.json")) as f:
       config = ml_collections.ConfigDict(json.load(f))
@@ -838,16 +856,20 @@ def load_final(
       handle_sigterm=False,
   )
   try:
-    restored = checkpointer.restore_latest(
-        state_structure(run, device_keys(run.task, sample))
-    )
+    structure = state_structure(run, device_keys(run.task, sample))
+    if on_devices:
+      structure = run.parallel.abstract_state(structure)
+    restored = checkpointer.restore_latest(structure)
   finally:
     checkpointer.close()
   if restored is None:
     raise FileNotFoundError(
         f"load_final: no checkpoint under {workdir}/checkpoints"
     )
-  return run, restored[1]
+  state = restored[1]
+  if on_devices:
+    state = run.parallel.place_state(state)
+  return run, state
 
 
 def _flag_error_line(error: Exception) -> str:

@@ -139,7 +139,6 @@ def test_two_processes_preempted_and_resumed_match_one(tmp_path, digits_dir):
   config = make_config({"data_dir": digits_dir, "steps": STEPS})
   reference = train.train_and_evaluate(config, reference_dir)
   assert reference["status"] == "completed"
-  _, want = train.load_final(reference_dir, config)
 
   workdir = str(tmp_path / "multi")
   stopped = launch(tmp_path, "stopped", workdir, digits_dir, SIGTERM_AT)
@@ -165,11 +164,19 @@ def test_two_processes_preempted_and_resumed_match_one(tmp_path, digits_dir):
     assert result["fetched_rows"] == list(range(8)) + list(range(100, 108))
   votes = [r["vote_seconds"] for r in resumed]
   print(f"preemption vote per step: {votes} s")
+  check_against_reference(workdir, reference_dir, reference, config)
 
+
+def check_against_reference(workdir, reference_dir, reference, config):
+  """The resumed 2-process run in `workdir` against the 1-process reference."""
+  checkpoints = os.path.join(workdir, "checkpoints")
   # Written once, by the primary process: each row once, one summary, steps
   # once (orbax would fail on a second writer of the same step).
   assert sorted(os.listdir(checkpoints)) == [str(STOPPED_AT), str(STEPS)]
-  rows = [(r["step"], r["split"]) for r in read_jsonl(workdir)]
+  rows = [
+      (r["step"], r["split"])
+      for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  ]
   assert rows == [(s, "train") for s in range(1, STEPS + 1)] + [(STEPS, "eval")]
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
@@ -177,8 +184,11 @@ def test_two_processes_preempted_and_resumed_match_one(tmp_path, digits_dir):
 
   # The same training as one process on 8 devices: the same global batches
   # (losses), the same state (relative to its change), the same masks.
-  want_rows = {(r["step"], r["split"]): r for r in read_jsonl(reference_dir)}
-  for row in read_jsonl(workdir):
+  want_rows = {
+      (r["step"], r["split"]): r
+      for r in read_jsonl(os.path.join(reference_dir, "metrics.jsonl"))
+  }
+  for row in read_jsonl(os.path.join(workdir, "metrics.jsonl")):
     np.testing.assert_allclose(
         row["loss"],
         want_rows[row["step"], row["split"]]["loss"],
@@ -194,6 +204,7 @@ def test_two_processes_preempted_and_resumed_match_one(tmp_path, digits_dir):
   )
 
   _, got = train.load_final(workdir, config)
+  _, want = train.load_final(reference_dir, config)
   run = train.build(config)
   sample = train.data_lib.make_dataset(
       config.dataset,
