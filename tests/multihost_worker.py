@@ -4,7 +4,7 @@
 
 Options: `port`, `num_processes`, `process_id` (the `jax.distributed` start-up,
 coordinator on 127.0.0.1), `local_devices` (simulated CPU devices of this
-process), `workdir`, `data_dir`, `steps`, `parallel`, `result` (where this
+process), `workdir`, `data_dir`, `steps`, `parallel`, `method`, `result` (where this
 process writes its JSON result) and `sigterm_at` (optional: this process sends
 itself SIGTERM just before the runner checks for preemption at that step, so
 the signal reaches one process only, at a known step).
@@ -26,7 +26,7 @@ def make_config(options: dict):
   # pylint: disable=import-outside-toplevel
   from experiments.configs import digits
 
-  config = digits.get_config("cram+-multi")
+  config = digits.get_config(options.get("method", "cram+-multi"))
   config.data_dir = options["data_dir"]
   config.num_train_steps = options["steps"]
   config.parallel = options.get("parallel", "jit")
@@ -71,8 +71,8 @@ def main(options: dict) -> None:
   checkpointing.Checkpointer.restore_latest = recording_restore
 
   sigterm_at = options.get("sigterm_at")
+  save_due = checkpointing.Checkpointer.save_due
   if sigterm_at is not None:
-    save_due = checkpointing.Checkpointer.save_due
 
     def signalling_save_due(self, step, **kwargs):
       if step == sigterm_at:
@@ -90,6 +90,7 @@ def main(options: dict) -> None:
   fetched = mesh.fetch({"rows": mesh.place_batch({"x": local})["x"]})["rows"]
 
   # The cost of the preemption vote alone: `save_due` at steps past any cadence.
+  checkpointing.Checkpointer.save_due = save_due  # no more signals
   votes = checkpointing.Checkpointer(
       options["workdir"] + "-votes",  # one directory: orbax syncs its creation
       every_steps=1 << 30,

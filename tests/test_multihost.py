@@ -2,14 +2,17 @@
 
 Two worker processes (tests/multihost_worker.py) start `jax.distributed` on a
 free localhost port (gloo CPU collectives) and run the runner's
-`train_and_evaluate` on the digits config (CrAM+-Multi, a few steps at a small
+`train_and_evaluate` on the digits config (a few steps at a small
 learning rate). Process 1 alone gets SIGTERM at step `SIGTERM_AT`: both processes
 must stop at the same step with a checkpoint, which both restore when started
 again, and the resumed run must end where a 1-process, 8-device run of the same
 config (in this process) ends: params, optimiser state and BatchNorm statistics
 close relative to their change (tests/parallel_checks.py: the two are different
 programs), counters, PRNG key and pruning masks exactly, evaluation equal.
-Metrics, summary and checkpoints are written once (not once per process).
+Metrics, summary and checkpoints are written once (not once per process), and
+`MeshParallel.fetch` returns rows split over both processes whole, in order.
+Once with `parallel='jit'` (replicated state), once with 'fsdp' (params and
+optimiser state sharded over both processes' devices).
 """
 
 import json
@@ -52,29 +55,28 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(tmp_path, name, workdir, data_dir, sigterm_at=None):
+def launch(tmp_path, name, workdir, options, sigterm_at=None):
   """Runs both processes to their end; returns their results, by process."""
   port = free_port()
   env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
   env.pop("XLA_FLAGS", None)  # the worker sets its own 4 devices
   processes, logs, results = [], [], []
   for i in range(2):
-    options = {
+    process_options = {
+        **options,
         "port": port,
         "num_processes": 2,
         "process_id": i,
         "local_devices": 4,
         "workdir": workdir,
-        "data_dir": data_dir,
-        "steps": STEPS,
         "result": str(tmp_path / f"{name}-{i}.json"),
         "sigterm_at": sigterm_at if i == 1 else None,
     }
-    results.append(options["result"])
+    results.append(process_options["result"])
     logs.append(open(tmp_path / f"{name}-{i}.log", "w+"))
     processes.append(
         subprocess.Popen(
-            [sys.executable, WORKER, json.dumps(options)],
+            [sys.executable, WORKER, json.dumps(process_options)],
             cwd=ROOT,
             env=env,
             stdout=logs[-1],
@@ -133,15 +135,29 @@ def kernel_masks(params, sparsity):
   return flat >= threshold
 
 
-def test_two_processes_preempted_and_resumed_match_one(tmp_path, digits_dir):
+# 'jit' (replicated state) with the paper's CrAM+-Multi; 'fsdp' (params and
+# optimiser state sharded over both processes' devices, so checkpoints hold
+# shards written by each process) with SGD, whose step compiles faster.
+@pytest.mark.parametrize(
+    "parallel, method", [("jit", "cram+-multi"), ("fsdp", "sgd")]
+)
+def test_two_processes_preempted_and_resumed_match_one(
+    tmp_path, digits_dir, parallel, method
+):
+  options = {
+      "data_dir": digits_dir,
+      "steps": STEPS,
+      "parallel": parallel,
+      "method": method,
+  }
   # The reference: one process, the 8 devices of tests/conftest.py.
   reference_dir = str(tmp_path / "reference")
-  config = make_config({"data_dir": digits_dir, "steps": STEPS})
+  config = make_config(options)
   reference = train.train_and_evaluate(config, reference_dir)
   assert reference["status"] == "completed"
 
   workdir = str(tmp_path / "multi")
-  stopped = launch(tmp_path, "stopped", workdir, digits_dir, SIGTERM_AT)
+  stopped = launch(tmp_path, "stopped", workdir, options, SIGTERM_AT)
   for i, result in enumerate(stopped):
     assert result["process_index"] == i and result["process_count"] == 2
     assert result["device_count"] == 8
@@ -153,7 +169,7 @@ def test_two_processes_preempted_and_resumed_match_one(tmp_path, digits_dir):
   assert sorted(os.listdir(checkpoints)) == [str(STOPPED_AT)]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
-  resumed = launch(tmp_path, "resumed", workdir, digits_dir)
+  resumed = launch(tmp_path, "resumed", workdir, options)
   for i, result in enumerate(resumed):
     assert result["restored"] == [STOPPED_AT], (i, result)
     assert result["summary"]["status"] == "completed"
