@@ -54,8 +54,8 @@ which runs right after step ``s``, not for the step just dispatched, so the
 host stays one step ahead of the devices instead of stopping at every step for
 a device round trip. Its cost is one tiny all-reduce between steps: measured
 in tests/test_multihost.py (2 processes x 4 CPU devices, gloo over localhost,
-on a 2-core machine at load 20), 5.7 ms per vote against 1.9 s per CrAM+ step
-of the same run (0.3%). JAX's own preemption sync
+on a 2-core machine at load 20), 3 to 6 ms per vote over four runs, against
+1.7 to 2.2 s per CrAM+ step and 0.8 to 1 s per SGD step (under 0.5%). JAX's own preemption sync
 point (``jax.distributed``'s preemption service, which orbax's
 ``reached_preemption`` uses) is not used: its notifier is a C++ SIGTERM handler
 that agrees on a step in a background thread, with no guarantee that a fast
