@@ -92,7 +92,24 @@ class MeshParallel:
     return jax.jit(fn)
 
   def fetch(self, tree: Any) -> Any:
+    """Device outputs as NumPy, whole on every process.
+
+    A leaf split over the devices of several processes (per-example outputs of
+    a multi-host evaluation) is replicated first, by one all-gather program for
+    the tree: no process can read the other processes' rows otherwise.
+    """
+    if any(
+        isinstance(x, jax.Array)
+        and not (x.is_fully_addressable or x.is_fully_replicated)
+        for x in jax.tree.leaves(tree)
+    ):
+      tree = self._replicate(tree)
     return jax.device_get(tree)
+
+  def _replicate(self, tree: Any) -> Any:
+    if not hasattr(self, "_replicate_fn"):
+      self._replicate_fn = jax.jit(lambda t: t, out_shardings=self.replicated)
+    return self._replicate_fn(tree)
 
 
 class FsdpParallel(MeshParallel):

@@ -682,6 +682,10 @@ def evaluate(
             variables, run.parallel.place_batch(device_keys(run.task, batch))
         )
     )
+    if host and jax.process_count() > 1:
+      # `fetch` returns every process's rows: gather the host-side keys the same
+      # way (through the devices), so that rows stay aligned with the outputs.
+      host = run.parallel.fetch(run.parallel.place_batch(host))
     outputs.append({**jax.tree.map(np.asarray, out), **host})
   return run.task.summarise(outputs)
 
