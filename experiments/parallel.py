@@ -341,6 +341,14 @@ def make_parallel(config) -> MeshParallel | FsdpParallel | PmapParallel:
   if mode in ("jit", "fsdp"):
     devices = jax.devices()
   elif mode == "pmap":
+    if jax.process_count() > 1:
+      # pmap here spans local devices only; multi-host runs are tested with
+      # the mesh modes, whose arrays span every process.
+      raise ConfigError(
+          f"config.parallel='pmap' runs on one process, got "
+          f"{jax.process_count()} processes; use 'jit' or 'fsdp' for "
+          "multi-host runs"
+      )
     devices = jax.local_devices()
   else:
     raise ConfigError(

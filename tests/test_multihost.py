@@ -264,3 +264,17 @@ def check_against_reference(workdir, reference_dir, reference, config):
     want_mask = kernel_masks(want["params"], sparsity)
     differ = int(np.sum(got_mask != want_mask))
     assert differ == 0, f"{sparsity:.0%} masks: {differ} entries differ"
+
+
+def test_pmap_is_refused_with_several_processes(monkeypatch):
+  # pmap spans local devices only: a multi-host pmap run would train each
+  # process's replicas apart from the others'.
+  from experiments import cli
+  from experiments import parallel as parallel_lib
+
+  config = make_config({"data_dir": "unused", "steps": 1, "parallel": "pmap"})
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(
+      cli.ConfigError, match="'pmap' runs on one process, got 2"
+  ):
+    parallel_lib.make_parallel(config)
