@@ -163,7 +163,7 @@ def layer_hessians(
           or not args
       ):
         return next_fun(*args, **kwargs)
-      name = "/".join(module.path) + "/kernel"
+      name = "/".join((*module.path, "kernel"))
       if name not in kernels:
         return next_fun(*args, **kwargs)
       shape = jnp.shape(kernels[name])
