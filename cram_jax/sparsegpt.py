@@ -236,12 +236,16 @@ def layer_hessians(
 
 def _upper_cholesky_of_inverse(h: jax.Array) -> jax.Array:
   """Upper ``U`` with ``U^T U = H^-1``: row i of U / U_ii is the OBS update of
-  rows > i after fixing row i, given rows < i are already fixed."""
+  rows > i after fixing row i, given rows < i are already fixed.
+
+  With ``H = R R^T``, R upper (the Cholesky factor of H with rows and columns
+  reversed), ``U = R^-1``: one factorisation and one triangular inverse,
+  instead of the reference's factor, inverse and second factor (3x fewer
+  flops at d_in = 3072).
+  """
   eye = jnp.eye(h.shape[0], dtype=h.dtype)
-  lower = jnp.linalg.cholesky(h)
-  h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-  h_inv = (h_inv + h_inv.T) / 2
-  return jnp.triu(jnp.linalg.cholesky(h_inv).T)
+  r = jnp.linalg.cholesky(h[::-1, ::-1])[::-1, ::-1]
+  return jax.scipy.linalg.solve_triangular(r, eye, lower=False)
 
 
 @functools.partial(
