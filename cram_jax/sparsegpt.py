@@ -459,8 +459,9 @@ def _run(params, chosen, plans, owner):
     w, mask = _obs_layer(w2d, h, *arrays, **kwargs)
     if not bool(jnp.all(jnp.isfinite(w))):
       raise ValueError(
-          f"{owner}: leaf '{name}': the Cholesky factorisation of its damped "
-          "hessian failed (not positive definite); raise damp"
+          f"{owner}: leaf '{name}': the result is not finite: its damped "
+          "hessian is not positive definite (raise damp) or the kernel has "
+          "non-finite values"
       )
     new[name] = w.reshape(shape).astype(jnp.result_type(leaf))
     masks[name] = mask.reshape(shape)

@@ -6,6 +6,8 @@ NumPy im2col checked against the conv itself; magnitude pruning and plain
 rounding on a trained digits MLP.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -426,7 +428,10 @@ def test_resnet_hessians_for_every_prunable_kernel():
   x = np.asarray(
       jax.random.uniform(jax.random.key(0), (4, 8, 8, 3)), np.float32
   )
-  variables = model.init(jax.random.key(1), x, train=False)
+  # Jitted: an eager Flax init or apply of a ResNet is many small dispatches.
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(1), x
+  )
   hs = sg.layer_hessians(model.apply, variables, [x[:2], x[2:]], train=False)
   expected = selected(variables["params"], models.RESNET_PRUNABLE)
   assert list(hs) == [name for name, _ in expected]
@@ -448,7 +453,9 @@ def test_resnet_hessians_for_every_prunable_kernel():
         if path_str(p) == name
     )
     assert int(mask.sum()) == round(0.25 * leaf.size)
-  logits = model.apply({**variables, "params": out}, x, train=False)
+  logits = jax.jit(functools.partial(model.apply, train=False))(
+      {**variables, "params": out}, x
+  )
   assert np.all(np.isfinite(np.asarray(logits)))
 
 
@@ -462,7 +469,9 @@ def test_bert_hessians_for_every_prunable_kernel():
   model = models.BertForSequenceClassification(config)
   ids = jax.random.randint(jax.random.key(0), (3, 7), 0, 50)
   mask = jnp.ones_like(ids)
-  variables = model.init(jax.random.key(1), ids, train=False)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(1), ids
+  )
   batches = [{"input_ids": ids, "attention_mask": mask}, (ids[:1],)]
   hs = sg.layer_hessians(
       model.apply, variables, batches, select=models.BERT_PRUNABLE, train=False
@@ -484,7 +493,9 @@ def test_bert_hessians_for_every_prunable_kernel():
   out, masks = sg.sparsegpt_prune(
       variables["params"], hs, 0.5, nm=(2, 4), select=models.BERT_PRUNABLE
   )
-  logits = model.apply({"params": out}, ids, train=False)
+  logits = jax.jit(functools.partial(model.apply, train=False))(
+      {"params": out}, ids
+  )
   assert np.all(np.isfinite(np.asarray(logits)))
   # With the default selection the embeddings have no Hessian: an error.
   with pytest.raises(
