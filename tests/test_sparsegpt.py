@@ -105,6 +105,7 @@ def dense_case(seed, d_in, d_out, n=256, dead=()):
         (24, 7, 5, 0.83, None, ()),  # blocks of 5 (padded), odd sparsity
         (16, 6, 8, None, (2, 4), (5,)),
         (16, 3, 8, None, (1, 4), ()),
+        (24, 5, 16, None, (2, 4), ()),  # N:M with a padded last block
     ],
 )
 def test_matches_numpy_reference(d_in, d_out, block, sparsity, nm, dead):
