@@ -160,14 +160,14 @@ def layer_hessians(
           busy
           or context.method_name != "__call__"
           or not isinstance(module, (nn.Dense, nn.Conv))
-          or not args
+          or not (args or "inputs" in kwargs)
       ):
         return next_fun(*args, **kwargs)
       name = "/".join((*module.path, "kernel"))
       if name not in kernels:
         return next_fun(*args, **kwargs)
       shape = jnp.shape(kernels[name])
-      x = jnp.asarray(args[0])
+      x = jnp.asarray(args[0] if args else kwargs["inputs"])
       if isinstance(module, nn.Conv):
         if module.feature_group_count != 1:
           raise ValueError(

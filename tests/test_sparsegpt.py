@@ -259,7 +259,7 @@ def test_dense_hessian_pools_every_token_and_every_call():
     @nn.compact
     def __call__(self, x):
       shared = nn.Dense(4, name="shared")
-      return shared(x) + shared(2 * x)
+      return shared(x) + shared(inputs=2 * x)  # a keyword call too
 
   x = np.asarray(jax.random.normal(jax.random.key(0), (3, 5, 4)), np.float32)
   model = Twice()
