@@ -5,8 +5,8 @@ SAM, CrAM+-Multi, GMP to 80% and 90% and AC/DC at 80% and 90% (the runner's
 presets), then compresses each trained run once (experiments/oneshot.py):
 magnitude, OBS and SparseGPT pruning at 50/70/80/90/95% (global for magnitude and
 OBS; layer-wise for SparseGPT, which prunes layer by layer; layer-wise magnitude
-too, its like-for-like baseline) and 2:4, plus int8 and int4 round-to-nearest
-quantisation, BatchNorm re-estimated after every compression. Writes
+too, its like-for-like baseline) and 2:4, plus int8 and int4 quantisation
+(round-to-nearest and GPTQ, per output channel), BatchNorm re-estimated after every compression. Writes
 `compare.md` (rows: training methods; columns: pruner x compression; test
 accuracy in %), `compare.csv` and `compare.png` to `--out`. Fixed seeds: a second
 run prints the same table.
@@ -48,6 +48,7 @@ ONESHOT = {
     "nm_patterns": ((2, 4),),
     "pruners": oneshot.PRUNERS,
     "quantizers": (8, 4),
+    "quantize_methods": ("rtn", "gptq"),
 }
 HEADING = (
     "{metric} (%) after one-shot compression (BatchNorm re-estimated after"
@@ -120,7 +121,11 @@ def compare(
       "\n== one-shot sweep: "
       + ", ".join(oneshot.PRUNER_NAMES[p] for p in sweep_fields["pruners"])
       + " pruning"
-      + "".join(f", int{b}" for b in sweep_fields["quantizers"])
+      + "".join(
+          f", {oneshot.PRUNER_NAMES[q]} int{b}"
+          for q in sweep_fields["quantize_methods"]
+          for b in sweep_fields["quantizers"]
+      )
       + " (BatchNorm re-estimated after each)"
   )
   results = []

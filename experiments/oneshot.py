@@ -12,8 +12,10 @@ For each run (its newest intact checkpoint and its config.json), the pruners of
     on calibration batches of `obs_batch_size` training images;
   sparsegpt: SparseGPT (cram_jax.sparsegpt), layer-wise (uniform) at each sparsity
     and N:M, with layer Hessians from `sparsegpt_batches` calibration batches;
-then round-to-nearest per-channel fake quantisation to each of
-`config.oneshot.quantizers` bits (none by default). After every compression,
+then per-channel fake quantisation to each of `config.oneshot.quantizers` bits
+(none by default) by each of `config.oneshot.quantize_methods`: 'rtn'
+(round-to-nearest, cram_jax.quantize) and 'gptq' (cram_jax.sparsegpt, with
+SparseGPT's Hessians). After every compression,
 BatchNorm statistics are re-estimated on 1000 random training images (100 batches
 of 128, training augmentation; skipped for models without BatchNorm), then the
 task's evaluation. Fisher gradients and Hessians are computed once per run and
@@ -88,15 +90,19 @@ PRUNER_NAMES = {
     "obs": "OBS",
     "sparsegpt": "SparseGPT",
     "rtn": "RTN",
+    "gptq": "GPTQ",
 }
+QUANTIZE_METHODS = ("rtn", "gptq")
 # `config.oneshot` fields newer than some configs and workdirs: these values
 # stand in where a config lacks them (magnitude only: the sweep as it was).
 DEFAULTS = {
     "pruners": ("magnitude",),
     "quantizers": (),
+    "quantize_methods": ("rtn",),
     "obs_gradients": 64,
     "obs_batch_size": 16,
     "obs_block_size": 128,
+    "obs_damp": 1e-3,
     "sparsegpt_batches": 8,
     "sparsegpt_block_size": 128,
 }
@@ -119,6 +125,21 @@ def _positive_int(config: ml_collections.ConfigDict, name: str) -> int:
   return int(value)
 
 
+def _positive_number(config: ml_collections.ConfigDict, name: str) -> float:
+  value = _field(config, name)
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.integer, np.floating)
+  ):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.{name} must be a positive number, got {value!r}"
+    )
+  if not 0 < value < math.inf:
+    raise cli.ConfigError(
+        f"config.oneshot.{name} must be a positive number, got {value!r}"
+    )
+  return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
   """The checked `config.oneshot` fields that choose and shape the sweep."""
@@ -127,9 +148,11 @@ class Options:
   nm_patterns: tuple[tuple[int, int], ...]
   pruners: tuple[str, ...]
   quantizers: tuple[int, ...]
+  quantize_methods: tuple[str, ...]
   obs_gradients: int
   obs_batch_size: int
   obs_block_size: int
+  obs_damp: float
   sparsegpt_batches: int
   sparsegpt_block_size: int
 
@@ -175,6 +198,23 @@ def options(config: ml_collections.ConfigDict) -> Options:
     raise cli.ConfigError(
         f"config.oneshot.quantizers names a width twice: {tuple(bits)!r}"
     )
+  methods = _field(config, "quantize_methods")
+  if isinstance(methods, str) or not isinstance(methods, (list, tuple)):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.quantize_methods must be a tuple of names from "
+        f"{QUANTIZE_METHODS}, got {methods!r}"
+    )
+  for name in methods:
+    if name not in QUANTIZE_METHODS:
+      raise cli.ConfigError(
+          f"config.oneshot.quantize_methods: {name!r} is not one of "
+          f"{QUANTIZE_METHODS}"
+      )
+  if len(set(methods)) != len(methods):
+    raise cli.ConfigError(
+        "config.oneshot.quantize_methods names a method twice: "
+        f"{tuple(methods)!r}"
+    )
   return Options(
       sparsities=tuple(float(s) for s in config.oneshot.sparsities),
       nm_patterns=tuple(
@@ -182,9 +222,11 @@ def options(config: ml_collections.ConfigDict) -> Options:
       ),
       pruners=tuple(pruners),
       quantizers=tuple(int(b) for b in bits),
+      quantize_methods=tuple(methods),
       obs_gradients=_positive_int(config, "obs_gradients"),
       obs_batch_size=_positive_int(config, "obs_batch_size"),
       obs_block_size=_positive_int(config, "obs_block_size"),
+      obs_damp=_positive_number(config, "obs_damp"),
       sparsegpt_batches=_positive_int(config, "sparsegpt_batches"),
       sparsegpt_block_size=_positive_int(config, "sparsegpt_block_size"),
   )
@@ -283,9 +325,7 @@ def steps(config: ml_collections.ConfigDict, task) -> list[Step]:
                 f"global {round(100 * s)}%",
                 "global",
                 s,
-                functools.partial(
-                    _obs, s, "global", task.select, opts.obs_block_size
-                ),
+                functools.partial(_obs, s, "global", task.select, opts),
             )
         )
       for n, m in opts.nm_patterns:
@@ -300,7 +340,7 @@ def steps(config: ml_collections.ConfigDict, task) -> list[Step]:
                     1 - n / m,
                     (n, m),
                     nm_select(task.select, m),
-                    opts.obs_block_size,
+                    opts,
                 ),
             )
         )
@@ -337,16 +377,15 @@ def steps(config: ml_collections.ConfigDict, task) -> list[Step]:
                 ),
             )
         )
-  for bits in opts.quantizers:
-    out.append(
-        Step(
-            "rtn",
-            f"int{bits}",
-            "quantize",
-            0.0,
-            functools.partial(_magnitude, _quantizer(bits, task), {}),
+  for method in opts.quantize_methods:
+    for bits in opts.quantizers:
+      if method == "rtn":
+        apply = functools.partial(_magnitude, _quantizer(bits, task), {})
+      else:
+        apply = functools.partial(
+            _gptq, bits, task.select, opts.sparsegpt_block_size
         )
-    )
+      out.append(Step(method, f"int{bits}", "quantize", 0.0, apply))
   return out
 
 
@@ -355,7 +394,7 @@ def _magnitude(compressor, kwargs, params, calibration):
   return cram_jax.prune(params, compressor, **kwargs)
 
 
-def _obs(sparsity, pattern, select, block_size, params, calibration):
+def _obs(sparsity, pattern, select, opts, params, calibration):
   from cram_jax import obs  # pylint: disable=import-outside-toplevel
 
   return obs.obs_prune(
@@ -363,7 +402,8 @@ def _obs(sparsity, pattern, select, block_size, params, calibration):
       calibration.fisher_gradients(),
       sparsity,
       pattern=pattern,
-      block_size=block_size,
+      block_size=opts.obs_block_size,
+      damp=opts.obs_damp,
       select=select,
   )
 
@@ -376,6 +416,18 @@ def _sparsegpt(sparsity, nm, select, block_size, params, calibration):
       calibration.hessians(),
       sparsity,
       nm=nm,
+      block_size=block_size,
+      select=select,
+  )
+
+
+def _gptq(bits, select, block_size, params, calibration):
+  from cram_jax import sparsegpt  # pylint: disable=import-outside-toplevel
+
+  return sparsegpt.gptq_quantize(
+      params,
+      calibration.hessians(),
+      bits,
       block_size=block_size,
       select=select,
   )
@@ -477,7 +529,7 @@ class Calibration:
     return self._grads
 
   def hessians(self) -> Any:
-    """SparseGPT's layer Hessians from `sparsegpt_batches` calibration batches."""
+    """SparseGPT's (and GPTQ's) layer Hessians from `sparsegpt_batches` calibration batches."""
     if self._hessians is None:
       from cram_jax import sparsegpt  # pylint: disable=import-outside-toplevel
 
@@ -500,7 +552,7 @@ class Calibration:
       )
       self.log(
           f"{self.method}: layer Hessians from {len(inputs)} batches of "
-          f"training images for SparseGPT ({time.perf_counter() - tick:.1f} s)"
+          f"training images for SparseGPT/GPTQ ({time.perf_counter() - tick:.1f} s)"
       )
     return self._hessians
 

@@ -29,9 +29,11 @@ def get_config(method: str = "cram+-multi"):
   # SparseGPT and int8/int4 (see experiments/oneshot.py for the fields).
   c.oneshot.pruners = ("magnitude",)
   c.oneshot.quantizers = ()
+  c.oneshot.quantize_methods = ("rtn",)  # and/or "gptq"
   c.oneshot.obs_gradients = 64  # m: gradients in the empirical Fisher
   c.oneshot.obs_batch_size = 16  # training images per gradient
   c.oneshot.obs_block_size = 128
+  c.oneshot.obs_damp = 1e-3  # relative to the Fisher's mean diagonal
   c.oneshot.sparsegpt_batches = 8  # of bn_batch_size images, for Hessians
   c.oneshot.sparsegpt_block_size = 128
   return c
