@@ -6,6 +6,12 @@ statistics with :func:`recalibrate_batch_stats`. Flax NNX models: see
 """
 
 from cram_jax import nnx
+from cram_jax.acdc import (
+    ACDCState,
+    acdc,
+    acdc_compressed,
+    acdc_dense_params,
+)
 from cram_jax.batchnorm import (
     calibration_batches,
     recalibrate_batch_stats,
@@ -24,6 +30,13 @@ from cram_jax.compress import (
     random_choice,
 )
 from cram_jax.cram import CrAMState, cram
+from cram_jax.gmp import (
+    GMPState,
+    gmp,
+    gmp_masks,
+    gmp_schedule,
+    gmp_update_steps,
+)
 from cram_jax.prune import (
     LeafSparsity,
     SparsityReport,
@@ -36,6 +49,15 @@ from cram_jax.prune import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACDCState",
+    "GMPState",
+    "acdc",
+    "acdc_compressed",
+    "acdc_dense_params",
+    "gmp",
+    "gmp_masks",
+    "gmp_schedule",
+    "gmp_update_steps",
     "CrAMState",
     "LeafSparsity",
     "Selection",

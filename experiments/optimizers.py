@@ -2,8 +2,11 @@
 
 `config.optimizer.base` ('sgd' | 'adamw') is the optimiser that takes the step;
 `config.optimizer.wrapper` wraps it: 'none', 'sam' (`optax.contrib.sam`, opaque
-mode, SAM's normalised ascent of `config.sam.rho`) or 'cram' (`cram_jax.cram`
-with `config.cram.*`). Every result takes the same call,
+mode, SAM's normalised ascent of `config.sam.rho`), 'cram' (`cram_jax.cram`
+with `config.cram.*`), 'gmp' (`cram_jax.gmp`, gradual magnitude pruning with
+`config.gmp.*`) or 'acdc' (`cram_jax.acdc` with `config.acdc.*`); the last two
+take their epochs in `config` and turn them into steps here. Every result takes
+the same call,
 `tx.update(grads, state, params, grad_fn=grad_fn)` with `grad_fn(params, i)`
 (the base optimisers ignore `grad_fn`), so one train step serves all.
 """
@@ -22,8 +25,10 @@ import cram_jax
 from cram_jax import compress
 
 BASES = ("sgd", "adamw")
-WRAPPERS = ("none", "sam", "cram")
+WRAPPERS = ("none", "sam", "cram", "gmp", "acdc")
 COMPRESSORS = ("global", "layerwise", "nm", "quantize")
+# How GMP and AC/DC pick the weights to prune.
+PRUNING_COMPRESSORS = ("global", "layerwise", "erk")
 
 
 def learning_rate_schedule(
@@ -127,6 +132,72 @@ def compressor_for(
   )
 
 
+def pruning_family(kind: str, select: compress.Selection | None = None):
+  """The compressor family (sparsities -> compressor) of `gmp.compressor` or
+  `acdc.compressor`: one global threshold, the same sparsity in every layer,
+  or RigL's ERK split."""
+  select = select or compress.Selection()
+  if kind == "global":
+    return lambda s: compress.global_magnitude(s, select=select)
+  if kind == "layerwise":
+    return lambda s: compress.layerwise_magnitude(s, select=select)
+  if kind == "erk":
+    return lambda s: compress.layerwise_magnitude(
+        compress.erk(s), select=select
+    )
+  raise ValueError(
+      f"pruning_family: compressor={kind!r} is not one of "
+      f"{PRUNING_COMPRESSORS}"
+  )
+
+
+def _epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  return int(round(epochs * steps_per_epoch))
+
+
+def gmp_steps(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> dict[str, int]:
+  """`config.gmp`'s epochs as the steps of `cram_jax.gmp` (frequency >= 1).
+
+  Raises:
+    ValueError: naming the fields, when begin and end round to the same step.
+  """
+  g = config.gmp
+  steps = {
+      "begin_step": _epochs_to_steps(g.begin_epoch, steps_per_epoch),
+      "end_step": _epochs_to_steps(g.end_epoch, steps_per_epoch),
+      "frequency": max(
+          1, _epochs_to_steps(g.frequency_epochs, steps_per_epoch)
+      ),
+  }
+  if steps["end_step"] <= steps["begin_step"]:
+    raise ValueError(
+        f"make_optimizer: config.gmp.begin_epoch={g.begin_epoch!r} and "
+        f"end_epoch={g.end_epoch!r} are both step {steps['begin_step']} at "
+        f"{steps_per_epoch} steps per epoch; move them apart"
+    )
+  return steps
+
+
+def acdc_steps(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> dict[str, int]:
+  """`config.acdc`'s epochs as the steps of `cram_jax.acdc`; the final
+  compressed phase is the last `acdc.final_epochs` of the run."""
+  a = config.acdc
+  total = config.num_train_steps or config.num_epochs * steps_per_epoch
+  warmup = _epochs_to_steps(a.warmup_epochs, steps_per_epoch)
+  final_start = max(
+      total - _epochs_to_steps(a.final_epochs, steps_per_epoch), warmup
+  )
+  return {
+      "dense_warmup": warmup,
+      "phase_length": max(1, _epochs_to_steps(a.phase_epochs, steps_per_epoch)),
+      "final_phase_start": final_start,
+  }
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict,
     steps_per_epoch: int,
@@ -134,12 +205,13 @@ def make_optimizer(
     select: compress.Selection | None = None,
     batch_axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Builds the optimiser of `config.optimizer`, `config.sam`, `config.cram`.
+  """Builds the optimiser of `config.optimizer` and its wrapper's fields.
 
   Args:
     config: the run's config (see experiments/configs/common.py).
     steps_per_epoch: for the schedule.
-    select: which leaves CrAM compresses (the model's default selection).
+    select: which leaves CrAM, GMP and AC/DC compress (the model's default
+      selection).
     batch_axis_name: the pmap axis, so SAM and CrAM average their second
       gradient (the caller averages the clean one).
   """
@@ -160,6 +232,23 @@ def make_optimizer(
         sync_period=2,
         opaque_mode=True,
         batch_axis_name=batch_axis_name,
+    )
+  if wrapper == "gmp":
+    return cram_jax.gmp(
+        base,
+        pruning_family(config.gmp.compressor, select),
+        final_sparsity=config.gmp.final_sparsity,
+        initial_sparsity=config.gmp.initial_sparsity,
+        power=config.gmp.power,
+        **gmp_steps(config, steps_per_epoch),
+    )
+  if wrapper == "acdc":
+    return cram_jax.acdc(
+        base,
+        pruning_family(config.acdc.compressor, select),
+        sparsity=config.acdc.sparsity,
+        reset_momentum=config.acdc.reset_momentum,
+        **acdc_steps(config, steps_per_epoch),
     )
   return cram_jax.cram(
       base,

@@ -28,6 +28,7 @@ from cram_jax.data import (
     squad_metric,
     squad_references,
 )
+from cram_jax.models import convert
 
 Batch = Mapping[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -165,6 +166,39 @@ def _span_loss(outputs, batch):
   return loss, {"loss": loss, "span_accuracy": exact.mean()}
 
 
+def distillation_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: float
+) -> jax.Array:
+  """``T^2 * KL(teacher || student)`` of the softened distributions, batch mean.
+
+  ``softmax(logits / T)`` over the last axis for both; the ``T^2`` factor keeps
+  the gradient's scale independent of ``T`` (Hinton et al., 2015). The
+  teacher's logits get no gradient.
+  """
+  teacher_logits = jax.lax.stop_gradient(teacher_logits)
+  log_teacher = jax.nn.log_softmax(
+      teacher_logits.astype(jnp.float32) / temperature, axis=-1
+  )
+  log_student = jax.nn.log_softmax(
+      student_logits.astype(jnp.float32) / temperature, axis=-1
+  )
+  kl = jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1)
+  return temperature**2 * jnp.mean(kl)
+
+
+def teacher_checkpoint(config: ml_collections.ConfigDict) -> str:
+  """``config.distill.teacher_checkpoint``, '' when distillation is off (or the
+  config predates the field)."""
+  distill = config.get("distill")
+  return distill.teacher_checkpoint if distill is not None else ""
+
+
+def check_teacher_checkpoint(path: str) -> str:
+  """The safetensors file of a teacher path; raises FileNotFoundError or
+  ValueError naming ``config.distill.teacher_checkpoint`` and the path."""
+  return convert.checkpoint_file(path, "config.distill.teacher_checkpoint")
+
+
 def bert_config(config: ml_collections.ConfigDict) -> models.BertConfig:
   preset = getattr(models.BertConfig, config.bert.size)
   return preset(**dict(config.bert.overrides))
@@ -178,6 +212,43 @@ def squad_task(
       bert_config(config), dtype=DTYPES[config.dtype]
   )
   examples_cache: dict[str, Any] = {}
+  teacher_path = teacher_checkpoint(config)
+  teacher_cache: dict[str, Any] = {}
+
+  def teacher_params():
+    # Read once, when the train step is first traced (never for evaluation);
+    # the teacher has the student's architecture and a fine-tuned QA head.
+    if "params" not in teacher_cache:
+      teacher_cache["params"] = jax.device_put(
+          models.load_bert(
+              teacher_path,
+              models.bert_abstract_params(model),
+              ignore=models.PRETRAINING_HEADS,
+          )
+      )
+    return teacher_cache["params"]
+
+  def distilled_loss(outputs, batch):
+    hard, metrics = _span_loss(outputs, batch)
+    teacher = model.apply(
+        {"params": teacher_params()},
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["token_type_ids"],
+        train=False,
+    )
+    temperature = config.distill.temperature
+    soft = 0.5 * sum(
+        distillation_loss(s, t, temperature) for s, t in zip(outputs, teacher)
+    )
+    weight = config.distill.weight
+    loss = (1.0 - weight) * hard + weight * soft
+    return loss, {
+        **metrics,
+        "loss": loss,
+        "hard_loss": hard,
+        "distill_loss": soft,
+    }
 
   def eval_outputs(variables, batch):
     start, end = model.apply(
@@ -219,7 +290,7 @@ def squad_task(
       has_batch_stats=False,
       inputs=("input_ids", "attention_mask", "token_type_ids"),
       metric="f1",
-      loss_and_metrics=_span_loss,
+      loss_and_metrics=distilled_loss if teacher_path else _span_loss,
       eval_outputs=eval_outputs,
       summarise=summarise,
   )

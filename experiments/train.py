@@ -186,6 +186,68 @@ def _check_cram(config) -> None:
         )
 
 
+def _check_gmp(config) -> None:
+  _check_choice(config, "gmp.compressor", optimizers.PRUNING_COMPRESSORS)
+  for name in ("gmp.initial_sparsity", "gmp.final_sparsity"):
+    _check_sparsity(name, _value(config, name))
+  g = config.gmp
+  if g.initial_sparsity > g.final_sparsity:
+    raise cli.ConfigError(
+        f"config.gmp.initial_sparsity={g.initial_sparsity!r} is above "
+        f"config.gmp.final_sparsity={g.final_sparsity!r} (pruned weights never "
+        "come back)"
+    )
+  _check_number(config, "gmp.begin_epoch", low=0.0)
+  _check_number(config, "gmp.end_epoch", low=0.0, open_low=True)
+  _check_number(config, "gmp.frequency_epochs", low=0.0, open_low=True)
+  _check_number(config, "gmp.power", low=0.0, open_low=True)
+  if not g.begin_epoch < g.end_epoch <= config.num_epochs:
+    raise cli.ConfigError(
+        "config.gmp needs begin_epoch < end_epoch <= num_epochs, got "
+        f"begin_epoch={g.begin_epoch!r}, end_epoch={g.end_epoch!r}, "
+        f"num_epochs={config.num_epochs!r}"
+    )
+
+
+def _check_acdc(config) -> None:
+  _check_choice(config, "acdc.compressor", optimizers.PRUNING_COMPRESSORS)
+  _check_sparsity("acdc.sparsity", _value(config, "acdc.sparsity"))
+  _check_number(config, "acdc.warmup_epochs", low=0.0)
+  _check_number(config, "acdc.phase_epochs", low=0.0, open_low=True)
+  _check_number(config, "acdc.final_epochs", low=0.0, open_low=True)
+  _check_bool(config, "acdc.reset_momentum")
+  a = config.acdc
+  if a.warmup_epochs + a.final_epochs > config.num_epochs:
+    raise cli.ConfigError(
+        f"config.acdc.warmup_epochs={a.warmup_epochs!r} plus "
+        f"final_epochs={a.final_epochs!r} exceed "
+        f"config.num_epochs={config.num_epochs!r}"
+    )
+
+
+def _check_distill(config) -> None:
+  if "distill" not in config:  # a config saved before the field existed
+    return
+  path = _value(config, "distill.teacher_checkpoint")
+  if not isinstance(path, str):
+    raise cli.ConfigTypeError(
+        f"config.distill.teacher_checkpoint must be a path or '', got {path!r}"
+    )
+  if not path:
+    return
+  if config.task != "squad":
+    raise cli.ConfigError(
+        "config.distill.teacher_checkpoint is for task 'squad' (BERT), got "
+        f"config.task={config.task!r}"
+    )
+  _check_number(config, "distill.weight", low=0.0, high=1.0, open_high=False)
+  _check_number(config, "distill.temperature", low=0.0, open_low=True)
+  try:
+    tasks.check_teacher_checkpoint(path)
+  except (FileNotFoundError, ValueError, TypeError) as e:
+    raise cli.ConfigError(str(e)) from None
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks every field the runner reads, before anything is built or compiled.
 
@@ -235,6 +297,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check_number(config, "sam.rho", low=0.0)
   if wrapper == "cram":
     _check_cram(config)
+  if wrapper == "gmp":
+    _check_gmp(config)
+  if wrapper == "acdc":
+    _check_acdc(config)
   _check_bool(config, "cram.local_perturbation")
   if config.cram.local_perturbation and (
       wrapper != "cram" or config.parallel != "pmap"
@@ -244,6 +310,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.optimizer.wrapper='cram' and config.parallel='pmap', got "
         f"wrapper={wrapper!r}, parallel={config.parallel!r}"
     )
+
+  _check_distill(config)
 
   # Length and batches.
   _check_int(config, "num_epochs", 1)
@@ -279,6 +347,12 @@ def method_label(config: ml_collections.ConfigDict) -> str:
     return opt.base
   if opt.wrapper == "sam":
     return f"sam({opt.base})"
+  if opt.wrapper == "gmp":
+    return (
+        f"gmp-{config.gmp.compressor}-{config.gmp.final_sparsity:g}({opt.base})"
+    )
+  if opt.wrapper == "acdc":
+    return f"acdc-{config.acdc.compressor}-{config.acdc.sparsity:g}({opt.base})"
   return f"cram{'+' if config.cram.plus else ''}-{config.cram.compressor}({opt.base})"
 
 

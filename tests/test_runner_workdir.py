@@ -368,7 +368,7 @@ def config_with(**fields):
         ({"warmup_epochs": 31.0}, ValueError, "config.warmup_epochs=31.0 is longer than config.num_epochs=30"),
         ({"parallel": "pjit"}, ValueError, "config.parallel must be one of ('jit', 'pmap'), got 'pjit'"),
         ({"num_devices": -1}, ValueError, "config.num_devices must be a non-negative int, got -1"),
-        ({"optimizer__wrapper": "lookahead"}, ValueError, "config.optimizer.wrapper must be one of ('none', 'sam', 'cram'), got 'lookahead'"),
+        ({"optimizer__wrapper": "lookahead"}, ValueError, "config.optimizer.wrapper must be one of ('none', 'sam', 'cram', 'gmp', 'acdc'), got 'lookahead'"),
         ({"optimizer__base": "lamb"}, ValueError, "config.optimizer.base must be one of ('sgd', 'adamw'), got 'lamb'"),
         ({"cram__sparsities": (0.5, 1.0)}, ValueError, "config.cram.sparsities[1] must be a sparsity in [0, 1), got 1.0"),
         ({"cram__sparsities": (-0.1,)}, ValueError, "config.cram.sparsities[0] must be a sparsity in [0, 1), got -0.1"),

@@ -12,12 +12,23 @@ Field reference (all runs):
   optimizer.base: 'sgd' (momentum, coupled weight decay) | 'adamw' (b1, b2, eps,
     decoupled weight decay on kernels and embeddings); optimizer.learning_rate,
     weight_decay, momentum, b1, b2, eps.
-  optimizer.wrapper: 'none' | 'sam' (optax.contrib.sam, sam.rho) | 'cram'.
+  optimizer.wrapper: 'none' | 'sam' (optax.contrib.sam, sam.rho) | 'cram' |
+    'gmp' | 'acdc' (the pruning baselines, docs/baselines.md).
   cram.rho; cram.plus (CrAM+: add the clean gradient); cram.compressor, the
     compression during training: 'global' | 'layerwise' magnitude at one of
     cram.sparsities per step, 'nm' with one of cram.nm_patterns per step,
     'quantize' to one of cram.bits per step; cram.local_perturbation
     (m-sharpness: per-replica perturbation, needs parallel='pmap').
+  gmp.*: gradual magnitude pruning (cram_jax.gmp), epochs turned into steps:
+    initial_sparsity (reached at begin_epoch), final_sparsity (at end_epoch),
+    frequency_epochs between mask updates, power (3: cubic), compressor
+    'global' | 'layerwise' | 'erk'. Masks are fixed after end_epoch.
+  acdc.*: AC/DC (cram_jax.acdc): sparsity, compressor (as gmp's), dense
+    warmup_epochs, phase_epochs per compressed or dense phase, final_epochs
+    (the final compressed phase: the run's last epochs), reset_momentum.
+  distill.*: knowledge distillation (task 'squad' only): teacher_checkpoint (a
+    fine-tuned BERT .safetensors; '' = off), weight w and temperature T of
+    loss = (1 - w) * hard + w * T^2 * KL(teacher || student).
   num_epochs, warmup_epochs, schedule_per_epoch, num_train_steps (0: epochs decide).
   batch_size (global), eval_batch_size (global), seed.
   parallel: 'jit' (device mesh, default) | 'pmap'; num_devices (0: all);
@@ -27,7 +38,8 @@ Field reference (all runs):
 
 Methods (`--config FILE:METHOD`) are presets over these fields, see `PRESETS`
 and `method_fields`: sgd, adamw, sam, cram+-multi, cram+-multi-high, cram+-nm,
-cram+-kNN and cram-kNN (one global sparsity of NN%).
+cram+-kNN and cram-kNN (one global sparsity of NN%), gmp-NN and acdc-NN (the
+pruning baselines at NN% sparsity, their schedules from the config file).
 """
 
 import re
@@ -72,6 +84,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.cram.nm_patterns = ((2, 4), (4, 8))
   c.cram.bits = (8,)
   c.cram.local_perturbation = False
+
+  # Baselines (docs/baselines.md); the schedules suit a 200-epoch run.
+  c.gmp = ml_collections.ConfigDict()
+  c.gmp.initial_sparsity = 0.0
+  c.gmp.final_sparsity = 0.9
+  c.gmp.begin_epoch = 10.0
+  c.gmp.end_epoch = 140.0
+  c.gmp.frequency_epochs = 2.0
+  c.gmp.power = 3.0
+  c.gmp.compressor = "global"
+  c.acdc = ml_collections.ConfigDict()
+  c.acdc.sparsity = 0.9
+  c.acdc.compressor = "global"
+  c.acdc.warmup_epochs = 10.0
+  c.acdc.phase_epochs = 5.0
+  c.acdc.final_epochs = 30.0
+  c.acdc.reset_momentum = False
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher_checkpoint = ""
+  c.distill.weight = 0.5
+  c.distill.temperature = 2.0
 
   c.num_epochs = 200
   c.warmup_epochs = 0.0
@@ -124,6 +157,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cram+-nm": {**_CRAM, "cram.compressor": "nm"},
 }
 _ONE_SPARSITY = re.compile(r"(cram\+?)-k(\d{1,2})")  # cram+-k95, cram-k90
+_BASELINE = re.compile(r"(gmp|acdc)-(\d{1,2})")  # gmp-90, acdc-80
 
 
 def method_fields(method: str) -> dict[str, Any]:
@@ -142,9 +176,15 @@ def method_fields(method: str) -> dict[str, Any]:
         "cram.compressor": "global",
         "cram.sparsities": (int(one.group(2)) / 100,),
     }
+  baseline = _BASELINE.fullmatch(method)
+  if baseline:
+    wrapper, percent = baseline.group(1), int(baseline.group(2))
+    field = "gmp.final_sparsity" if wrapper == "gmp" else "acdc.sparsity"
+    return {"optimizer.wrapper": wrapper, field: percent / 100}
   raise ValueError(
-      f"method {method!r} is not one of {tuple(PRESETS)}, 'cram+-kNN' or "
-      "'cram-kNN' (NN: a sparsity in percent, e.g. cram+-k95)"
+      f"method {method!r} is not one of {tuple(PRESETS)}, 'cram+-kNN', "
+      "'cram-kNN', 'gmp-NN' or 'acdc-NN' (NN: a sparsity in percent, e.g. "
+      "cram+-k95, gmp-90)"
   )
 
 

@@ -1,12 +1,16 @@
 """ResNet-8 on the bundled digits (offline; the demo's recipe).
 
-  --config experiments/configs/digits.py[:sgd | sam | cram+-multi]
+  --config experiments/configs/digits.py[:sgd | sam | cram+-multi | gmp-90 | acdc-90]
 
 8x8 images, 1437 train / 360 test; batch 64, 30 epochs, lr 0.05, wd 5e-4,
 cosine per epoch; CrAM+-Multi {.5,.7,.8,.9} with rho 0.05; SAM rho 0.05. The one-shot
 sweep: 50/70/80/90/95% global and layer-wise magnitude, 2:4 and 4:8, BatchNorm
 re-estimated on 1000 training images (the recipe's 100 batches of 128); the fields
 of OBS and SparseGPT that experiments/compare.py switches on.
+Baselines (gmp-NN, acdc-NN; docs/baselines.md): GMP prunes every epoch from
+epoch 2 to 20 on the cubic schedule, then fine-tunes 10 epochs with fixed
+masks; AC/DC has 3 dense epochs, then compressed/dense phases of 3 epochs,
+and compresses the last 9.
 """
 
 from experiments.configs import common
@@ -20,6 +24,9 @@ def get_config(method: str = "cram+-multi"):
   c.num_epochs, c.warmup_epochs = 30, 0
   c.sam.rho = c.cram.rho = 0.05
   c.cram.sparsities = (0.5, 0.7, 0.8, 0.9)
+  c.gmp.begin_epoch, c.gmp.end_epoch, c.gmp.frequency_epochs = 2.0, 20.0, 1.0
+  c.acdc.warmup_epochs, c.acdc.phase_epochs = 3.0, 3.0
+  c.acdc.final_epochs = 9.0
   common.set_method(c, method)
   c.checkpoint_every_steps = 200
   c.log_every_steps = 22
