@@ -45,6 +45,7 @@ from cram_jax.prune import (
     sparsity_report,
     sparsity_summary,
 )
+from cram_jax.sparsegpt import gptq_quantize, layer_hessians, sparsegpt_prune
 
 __version__ = "0.1.0"
 
@@ -68,7 +69,9 @@ __all__ = [
     "cram",
     "fake_quantize",
     "global_magnitude",
+    "gptq_quantize",
     "keep_pruned",
+    "layer_hessians",
     "layerwise_magnitude",
     "n_of_m",
     "nm_mask",
@@ -78,6 +81,7 @@ __all__ = [
     "random_choice",
     "recalibrate_batch_stats",
     "reset_batch_stats",
+    "sparsegpt_prune",
     "sparsity_report",
     "sparsity_summary",
 ]
