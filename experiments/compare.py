@@ -100,8 +100,7 @@ def compare(
     config.log_every_steps = 5 * 22  # every 5 epochs
     for key, value in (config_override or {}).items():
       config[key] = value
-    for key, value in sweep_fields.items():
-      config.oneshot[key] = value
+    oneshot.set_fields(config, sweep_fields)
     oneshot.options(config)
     configs.append(config)
 

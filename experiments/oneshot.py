@@ -582,10 +582,32 @@ def read_config(
       "jit"  # evaluation is the same either way; BN re-estimation needs no axis
   )
   config.cram.local_perturbation = False  # a pmap-only training option
-  for key, value in (override or {}).items():
-    config.oneshot[key] = value
+  set_fields(config, override or {})
   options(config)
   return config
+
+
+def set_fields(
+    config: ml_collections.ConfigDict, fields: dict[str, Any]
+) -> None:
+  """Sets `config.oneshot` fields; a name it does not know is an error.
+
+  Raises:
+    cli.ConfigError: (a ValueError) for an unknown field;
+      cli.ConfigTypeError (a TypeError) for a value the field's type refuses.
+  """
+  for key, value in fields.items():
+    if key not in config.oneshot and key not in DEFAULTS:
+      known = sorted({*config.oneshot.keys(), *DEFAULTS})
+      raise cli.ConfigError(
+          f"config.oneshot has no field {key!r} (fields: {', '.join(known)})"
+      )
+    try:
+      config.oneshot[key] = value
+    except TypeError as e:
+      raise cli.ConfigTypeError(
+          f"config.oneshot.{key}={value!r}: {e}"
+      ) from None
 
 
 def sweep(

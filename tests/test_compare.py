@@ -22,6 +22,7 @@ import cram_jax
 from cram_jax import models
 from cram_jax.compress.select import path_str
 from experiments import compare, oneshot
+from experiments.configs import digits
 
 METHODS = ("sgd", "cram+-multi")
 SPARSITIES = (0.5, 0.9)
@@ -277,12 +278,15 @@ def test_compare_tiny_end_to_end_and_deterministic(tmp_path, monkeypatch):
 def test_bad_oneshot_fields_fail_before_training(tmp_path):
   for fields, message in (
       ({"pruners": ("magnitude", "obd")}, "'obd' is not one of"),
-      ({"pruners": "obs"}, "must be a tuple of names"),
+      ({"pruners": "obs"}, "config.oneshot.pruners='obs'"),
       ({"quantizers": (8, 1)}, "1 bits is outside [2, 16]"),
-      ({"quantizers": 8}, "must be a tuple of bit widths"),
+      ({"quantizers": 8}, "config.oneshot.quantizers=8"),
       ({"quantize_methods": ("awq",)}, "'awq' is not one of"),
       ({"obs_gradients": 0}, "obs_gradients must be a positive int, got 0"),
-      ({"sparsegpt_batches": 2.5}, "sparsegpt_batches must be a positive int"),
+      ({"sparsegpt_batches": 2.5}, "config.oneshot.sparsegpt_batches=2.5"),
+      ({"quantizers": (8, 8)}, "names a width twice: (8, 8)"),
+      ({"obs_damp": -1.0}, "obs_damp must be a positive number, got -1.0"),
+      ({"prunrs": ("obs",)}, "config.oneshot has no field 'prunrs'"),
   ):
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
       compare.compare(
@@ -291,3 +295,34 @@ def test_bad_oneshot_fields_fail_before_training(tmp_path):
     assert not (tmp_path / "never").exists()
   with pytest.raises(ValueError, match="method 'adam' is not one of"):
     compare.compare(str(tmp_path / "never"), methods=("adam",))
+
+
+def test_command_line_mistakes_are_one_line_with_exit_code_2(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  config = digits.get_config("sgd")
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  for argv, message in (
+      (
+          ["--pruners", "magnitude", "obd"],
+          "config.oneshot.pruners: 'obd' is not one of",
+      ),
+      (["--quantizers", "1"], "config.oneshot.quantizers: 1 bits is outside"),
+  ):
+    with pytest.raises(SystemExit) as exit_info:
+      oneshot.main(
+          ["--workdir", str(workdir), "--out", str(tmp_path / "o"), *argv]
+      )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("oneshot.py: error: ") and message in err, err
+    assert "\n" not in err
+  with pytest.raises(SystemExit) as exit_info:
+    compare.main(["--out", str(tmp_path / "c"), "--methods", "sgd", "adam"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("compare.py: error: --methods: method 'adam'"), err
+  assert not (tmp_path / "c").exists()
+  with pytest.raises(SystemExit):
+    compare.main(["--out", str(tmp_path / "c"), "--epochs", "0"])
+  assert "--epochs must be a positive int, got 0" in capsys.readouterr().err
