@@ -1,13 +1,26 @@
-"""One-shot pruning sweep: load trained runs, prune once, re-estimate BatchNorm, evaluate.
+"""One-shot compression sweep: load trained runs, compress once, re-estimate BatchNorm, evaluate.
 
   python experiments/oneshot.py --workdir runs/rn20_sgd --workdir runs/rn20_cram --out runs/oneshot
+  python experiments/oneshot.py ... --pruners magnitude obs sparsegpt --quantizers 8 4
 
-For each run (its newest intact checkpoint and its config.json): global and layer-wise
-magnitude pruning at `config.oneshot.sparsities` and N:M at `config.oneshot.nm_patterns`,
-BatchNorm statistics re-estimated on 1000 random training images (100 batches of 128,
-training augmentation; skipped for models without BatchNorm), then the task's
-evaluation. Writes `oneshot.md` (the table), `oneshot.csv` and `oneshot.png`
-(metric vs sparsity, one line per run and pruning kind) to `--out`.
+For each run (its newest intact checkpoint and its config.json), the pruners of
+`config.oneshot.pruners` (default: magnitude only):
+  magnitude: global and layer-wise magnitude pruning at `config.oneshot.sparsities`
+    and N:M at `config.oneshot.nm_patterns`;
+  obs: Optimal Brain Surgeon (cram_jax.obs), global at each sparsity and N:M, with
+    an empirical Fisher from `obs_gradients` gradients of the evaluation-mode loss
+    on calibration batches of `obs_batch_size` training images;
+  sparsegpt: SparseGPT (cram_jax.sparsegpt), layer-wise (uniform) at each sparsity
+    and N:M, with layer Hessians from `sparsegpt_batches` calibration batches;
+then per-channel fake quantisation to each of `config.oneshot.quantizers` bits
+(none by default) by each of `config.oneshot.quantize_methods`: 'rtn'
+(round-to-nearest, cram_jax.quantize) and 'gptq' (cram_jax.sparsegpt, with
+SparseGPT's Hessians). After every compression,
+BatchNorm statistics are re-estimated on 1000 random training images (100 batches
+of 128, training augmentation; skipped for models without BatchNorm), then the
+task's evaluation. Fisher gradients and Hessians are computed once per run and
+shared by all sparsities. Writes `oneshot.md` (the table), `oneshot.csv` and
+`oneshot.png` (metric vs sparsity) to `--out`.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -41,9 +55,9 @@ from experiments import train as train_lib
 @dataclasses.dataclass(frozen=True)
 class Result:
   method: str
-  compression: str  # 'dense', 'global 90%', 'uniform 90%', '2:4'
-  kind: str  # 'dense' | 'global' | 'uniform' | 'n:m'
-  target: float  # the requested sparsity (N:M: 1 - n/m)
+  compression: str  # 'dense', 'global 90%', 'uniform 90%', '2:4', 'int8'
+  kind: str  # 'dense' | 'global' | 'uniform' | 'n:m' | 'quantize'
+  target: float  # the requested sparsity (N:M: 1 - n/m; quantisation: 0)
   prunable_sparsity: float
   total_sparsity: float
   metrics: dict[str, float]
@@ -51,6 +65,7 @@ class Result:
   dataset: str = ""  # e.g. 'digits', 'cifar10'
   split: str = ""  # the evaluation split, e.g. 'test'
   bn_reestimated: bool = False
+  pruner: str = "magnitude"  # a key of PRUNER_NAMES; 'none' for dense
 
 
 class Subset:
@@ -66,13 +81,164 @@ class Subset:
     return self.source[int(self.indices[i])]
 
 
+PRUNERS = ("magnitude", "obs", "sparsegpt")
+# How tables and plots name a Result's pruner ('rtn': round-to-nearest
+# quantisation, which prunes nothing).
+PRUNER_NAMES = {
+    "none": "dense",
+    "magnitude": "magnitude",
+    "obs": "OBS",
+    "sparsegpt": "SparseGPT",
+    "rtn": "RTN",
+    "gptq": "GPTQ",
+}
+QUANTIZE_METHODS = ("rtn", "gptq")
+# `config.oneshot` fields newer than some configs and workdirs: these values
+# stand in where a config lacks them (magnitude only: the sweep as it was).
+DEFAULTS = {
+    "pruners": ("magnitude",),
+    "quantizers": (),
+    "quantize_methods": ("rtn",),
+    "obs_gradients": 64,
+    "obs_batch_size": 16,
+    "obs_block_size": 128,
+    "obs_damp": 1e-3,
+    "sparsegpt_batches": 8,
+    "sparsegpt_block_size": 128,
+}
+
+
+def _field(config: ml_collections.ConfigDict, name: str) -> Any:
+  return config.oneshot[name] if name in config.oneshot else DEFAULTS[name]
+
+
+def _positive_int(config: ml_collections.ConfigDict, name: str) -> int:
+  value = _field(config, name)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.{name} must be a positive int, got {value!r}"
+    )
+  if value < 1:
+    raise cli.ConfigError(
+        f"config.oneshot.{name} must be a positive int, got {value!r}"
+    )
+  return int(value)
+
+
+def _positive_number(config: ml_collections.ConfigDict, name: str) -> float:
+  value = _field(config, name)
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.integer, np.floating)
+  ):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.{name} must be a positive number, got {value!r}"
+    )
+  if not 0 < value < math.inf:
+    raise cli.ConfigError(
+        f"config.oneshot.{name} must be a positive number, got {value!r}"
+    )
+  return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The checked `config.oneshot` fields that choose and shape the sweep."""
+
+  sparsities: tuple[float, ...]
+  nm_patterns: tuple[tuple[int, int], ...]
+  pruners: tuple[str, ...]
+  quantizers: tuple[int, ...]
+  quantize_methods: tuple[str, ...]
+  obs_gradients: int
+  obs_batch_size: int
+  obs_block_size: int
+  obs_damp: float
+  sparsegpt_batches: int
+  sparsegpt_block_size: int
+
+
+def options(config: ml_collections.ConfigDict) -> Options:
+  """Reads `config.oneshot`, with DEFAULTS for fields it lacks.
+
+  Raises:
+    cli.ConfigError (a ValueError; cli.ConfigTypeError, also a TypeError, for
+    a wrong type) naming the field and its value, before anything is loaded.
+  """
+  pruners = _field(config, "pruners")
+  if isinstance(pruners, str) or not isinstance(pruners, (list, tuple)):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.pruners must be a tuple of names from {PRUNERS}, got "
+        f"{pruners!r}"
+    )
+  for name in pruners:
+    if name not in PRUNERS:
+      raise cli.ConfigError(
+          f"config.oneshot.pruners: {name!r} is not one of {PRUNERS}"
+      )
+  if len(set(pruners)) != len(pruners):
+    raise cli.ConfigError(
+        f"config.oneshot.pruners names a pruner twice: {tuple(pruners)!r}"
+    )
+  bits = _field(config, "quantizers")
+  if isinstance(bits, (str, int)) or not isinstance(bits, (list, tuple)):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.quantizers must be a tuple of bit widths (e.g. (8, 4)), "
+        f"got {bits!r}"
+    )
+  for b in bits:
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+      raise cli.ConfigTypeError(
+          f"config.oneshot.quantizers: {b!r} is not an int number of bits"
+      )
+    if not 2 <= b <= 16:
+      raise cli.ConfigError(
+          f"config.oneshot.quantizers: {b} bits is outside [2, 16]"
+      )
+  if len(set(bits)) != len(bits):
+    raise cli.ConfigError(
+        f"config.oneshot.quantizers names a width twice: {tuple(bits)!r}"
+    )
+  methods = _field(config, "quantize_methods")
+  if isinstance(methods, str) or not isinstance(methods, (list, tuple)):
+    raise cli.ConfigTypeError(
+        f"config.oneshot.quantize_methods must be a tuple of names from "
+        f"{QUANTIZE_METHODS}, got {methods!r}"
+    )
+  for name in methods:
+    if name not in QUANTIZE_METHODS:
+      raise cli.ConfigError(
+          f"config.oneshot.quantize_methods: {name!r} is not one of "
+          f"{QUANTIZE_METHODS}"
+      )
+  if len(set(methods)) != len(methods):
+    raise cli.ConfigError(
+        "config.oneshot.quantize_methods names a method twice: "
+        f"{tuple(methods)!r}"
+    )
+  return Options(
+      sparsities=tuple(float(s) for s in config.oneshot.sparsities),
+      nm_patterns=tuple(
+          (int(n), int(m)) for n, m in config.oneshot.nm_patterns
+      ),
+      pruners=tuple(pruners),
+      quantizers=tuple(int(b) for b in bits),
+      quantize_methods=tuple(methods),
+      obs_gradients=_positive_int(config, "obs_gradients"),
+      obs_batch_size=_positive_int(config, "obs_batch_size"),
+      obs_block_size=_positive_int(config, "obs_block_size"),
+      obs_damp=_positive_number(config, "obs_damp"),
+      sparsegpt_batches=_positive_int(config, "sparsegpt_batches"),
+      sparsegpt_block_size=_positive_int(config, "sparsegpt_block_size"),
+  )
+
+
 _COMPRESSORS: dict[Any, Any] = {}
 
 
 def compressions(
     config: ml_collections.ConfigDict, task
 ) -> list[tuple[str, str, float, Any, dict[str, int]]]:
-  """The sweep: (label, kind, target sparsity, compressor, its call kwargs).
+  """The magnitude sweep: (label, kind, target sparsity, compressor, its call kwargs).
 
   One compressor per kind serves every sparsity through ``level=i``, and compressors
   are shared between runs, so each kind compiles once per sweep.
@@ -103,8 +269,178 @@ def compressions(
   return out
 
 
-def calibration_images(run: train_lib.Run) -> list[Any]:
-  """docs/method.md section 5: batches from 1000 random training images, training augmentation."""
+def _quantizer(bits: int, task) -> Any:
+  """`cram_jax.quantize(bits)` over the task's prunable leaves, shared by runs."""
+  key = ("quantize", bits, task.select)
+  if key not in _COMPRESSORS:
+    _COMPRESSORS[key] = cram_jax.quantize(bits, select=task.select)
+  return _COMPRESSORS[key]
+
+
+def nm_select(select: compress.Selection, m: int):
+  """`select`, less the leaves whose input axis (-2) is not a multiple of `m`.
+
+  Magnitude N:M skips such leaves (`on_indivisible="skip"`: the digits stem
+  conv has 1 input channel); OBS and SparseGPT get the same leaves this way.
+  """
+
+  def chosen(path: str, leaf: Any) -> bool:
+    return bool(select(path, leaf)) and np.shape(leaf)[-2] % m == 0
+
+  return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """One configuration of the sweep: `apply(params, calibration) -> (params, masks)`."""
+
+  pruner: str
+  label: str
+  kind: str
+  target: float
+  apply: Callable[[Any, Calibration], tuple[Any, Any]]
+
+
+def steps(config: ml_collections.ConfigDict, task) -> list[Step]:
+  """Every compression of the sweep, in table order: pruner by pruner, then bits."""
+  opts = options(config)
+  out: list[Step] = []
+  for pruner in opts.pruners:
+    if pruner == "magnitude":
+      for label, kind, target, compressor, kwargs in compressions(config, task):
+        out.append(
+            Step(
+                "magnitude",
+                label,
+                kind,
+                target,
+                functools.partial(_magnitude, compressor, kwargs),
+            )
+        )
+    elif pruner == "obs":
+      for s in opts.sparsities:
+        out.append(
+            Step(
+                "obs",
+                f"global {round(100 * s)}%",
+                "global",
+                s,
+                functools.partial(_obs, s, "global", task.select, opts),
+            )
+        )
+      for n, m in opts.nm_patterns:
+        out.append(
+            Step(
+                "obs",
+                f"{n}:{m}",
+                "n:m",
+                1 - n / m,
+                functools.partial(
+                    _obs,
+                    1 - n / m,
+                    (n, m),
+                    nm_select(task.select, m),
+                    opts,
+                ),
+            )
+        )
+    else:  # sparsegpt: layer by layer, so 'uniform', as magnitude's layer-wise
+      for s in opts.sparsities:
+        out.append(
+            Step(
+                "sparsegpt",
+                f"uniform {round(100 * s)}%",
+                "uniform",
+                s,
+                functools.partial(
+                    _sparsegpt,
+                    s,
+                    None,
+                    task.uniform_select,
+                    opts.sparsegpt_block_size,
+                ),
+            )
+        )
+      for n, m in opts.nm_patterns:
+        out.append(
+            Step(
+                "sparsegpt",
+                f"{n}:{m}",
+                "n:m",
+                1 - n / m,
+                functools.partial(
+                    _sparsegpt,
+                    1 - n / m,
+                    (n, m),
+                    nm_select(task.select, m),
+                    opts.sparsegpt_block_size,
+                ),
+            )
+        )
+  for method in opts.quantize_methods:
+    for bits in opts.quantizers:
+      if method == "rtn":
+        apply = functools.partial(_magnitude, _quantizer(bits, task), {})
+      else:
+        apply = functools.partial(
+            _gptq, bits, task.select, opts.sparsegpt_block_size
+        )
+      out.append(Step(method, f"int{bits}", "quantize", 0.0, apply))
+  return out
+
+
+def _magnitude(compressor, kwargs, params, calibration):
+  del calibration  # data-free
+  return cram_jax.prune(params, compressor, **kwargs)
+
+
+def _obs(sparsity, pattern, select, opts, params, calibration):
+  from cram_jax import obs  # pylint: disable=import-outside-toplevel
+
+  return obs.obs_prune(
+      params,
+      calibration.fisher_gradients(),
+      sparsity,
+      pattern=pattern,
+      block_size=opts.obs_block_size,
+      damp=opts.obs_damp,
+      select=select,
+  )
+
+
+def _sparsegpt(sparsity, nm, select, block_size, params, calibration):
+  from cram_jax import sparsegpt  # pylint: disable=import-outside-toplevel
+
+  return sparsegpt.sparsegpt_prune(
+      params,
+      calibration.hessians(),
+      sparsity,
+      nm=nm,
+      block_size=block_size,
+      select=select,
+  )
+
+
+def _gptq(bits, select, block_size, params, calibration):
+  from cram_jax import sparsegpt  # pylint: disable=import-outside-toplevel
+
+  return sparsegpt.gptq_quantize(
+      params,
+      calibration.hessians(),
+      bits,
+      block_size=block_size,
+      select=select,
+  )
+
+
+def calibration_batches(
+    run: train_lib.Run, batch_size: int, num_batches: int
+) -> list[dict[str, Any]]:
+  """`num_batches` batches drawn from the run's calibration images.
+
+  The calibration images are 1000 (`config.oneshot.bn_images`) random training
+  images, chosen with `config.seed`; batches carry the training augmentation.
+  """
   config = run.config
   source = data_lib.open_source(
       config.dataset, config.train_split, data_dir=config.data_dir
@@ -115,21 +451,110 @@ def calibration_images(run: train_lib.Run) -> list[Any]:
       size=min(config.oneshot.bn_images, len(source)),
       replace=False,
   )
-  batch_size = min(config.oneshot.bn_batch_size, len(chosen))
   iterator = data_lib.make_pipeline(
       config.dataset,
       config.train_split,
       source=Subset(source, chosen),
-      batch_size=batch_size,
+      batch_size=min(batch_size, len(chosen)),
       train=True,
       seed=config.seed,
       **dict(config.data_options),
   )
-  inputs = []
-  for _ in range(config.oneshot.bn_batches):
-    batch = next(iterator)
-    inputs.append(run.task.model_inputs(batch))
-  return inputs
+  return [
+      train_lib.device_keys(run.task, next(iterator))
+      for _ in range(num_batches)
+  ]
+
+
+def calibration_images(run: train_lib.Run) -> list[Any]:
+  """docs/method.md section 5: batches from 1000 random training images, training augmentation."""
+  config = run.config
+  return [
+      run.task.model_inputs(batch)
+      for batch in calibration_batches(
+          run, config.oneshot.bn_batch_size, config.oneshot.bn_batches
+      )
+  ]
+
+
+class Calibration:
+  """What the data-aware pruners of one run need, computed on first use.
+
+  Fisher gradients (OBS) and layer Hessians (SparseGPT) are computed once per
+  run and shared by every sparsity; each is logged with its time.
+  """
+
+  def __init__(
+      self,
+      run: train_lib.Run,
+      variables: dict[str, Any],
+      opts: Options,
+      log: Callable[[str], None],
+      method: str,
+  ):
+    self.run, self.variables, self.opts = run, variables, opts
+    self.log, self.method = log, method
+    self._grads = self._hessians = None
+
+  def fisher_gradients(self) -> Any:
+    """`obs_gradients` gradients of the eval-mode loss, one per calibration batch."""
+    if self._grads is None:
+      from cram_jax import obs  # pylint: disable=import-outside-toplevel
+
+      tick = time.perf_counter()
+      task, opts = self.run.task, self.opts
+      batches = calibration_batches(
+          self.run, opts.obs_batch_size, opts.obs_gradients
+      )
+      others = {k: v for k, v in self.variables.items() if k != "params"}
+
+      # Eval mode: the loss of the network as it is evaluated (BatchNorm with
+      # its running statistics, no dropout), per batch.
+      def loss_fn(params, batch):
+        outputs = task.model.apply(
+            {**others, "params": params},
+            *task.model_inputs(batch),
+            train=False,
+        )
+        return task.loss_and_metrics(outputs, batch)[0]
+
+      self._grads = obs.fisher_gradients(
+          loss_fn, self.variables["params"], batches
+      )
+      self.log(
+          f"{self.method}: Fisher from {len(batches)} gradients of batches of "
+          f"{opts.obs_batch_size} training images for OBS "
+          f"({time.perf_counter() - tick:.1f} s)"
+      )
+    return self._grads
+
+  def hessians(self) -> Any:
+    """SparseGPT's (and GPTQ's) layer Hessians from `sparsegpt_batches` calibration batches."""
+    if self._hessians is None:
+      from cram_jax import sparsegpt  # pylint: disable=import-outside-toplevel
+
+      tick = time.perf_counter()
+      config, task = self.run.config, self.run.task
+      inputs = [
+          task.model_inputs(batch)
+          for batch in calibration_batches(
+              self.run,
+              config.oneshot.bn_batch_size,
+              self.opts.sparsegpt_batches,
+          )
+      ]
+      self._hessians = sparsegpt.layer_hessians(
+          task.model.apply,
+          self.variables,
+          inputs,
+          select=task.select,
+          train=False,
+      )
+      self.log(
+          f"{self.method}: layer Hessians from {len(inputs)} batches of "
+          f"training images for SparseGPT/GPTQ ({time.perf_counter() - tick:.1f} s)"
+      )
+    return self._hessians
 
 
 def model_and_dataset(config: ml_collections.ConfigDict) -> tuple[str, str]:
@@ -143,6 +568,48 @@ def _print(line: str) -> None:
   print(line, flush=True)
 
 
+def read_config(
+    workdir: str, override: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+  """A run's config.json with `config.oneshot` fields replaced by `override`.
+
+  Raises:
+    cli.ConfigError: (a ValueError) for a bad `config.oneshot` field, naming it.
+  """
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.parallel = (
+      "jit"  # evaluation is the same either way; BN re-estimation needs no axis
+  )
+  config.cram.local_perturbation = False  # a pmap-only training option
+  set_fields(config, override or {})
+  options(config)
+  return config
+
+
+def set_fields(
+    config: ml_collections.ConfigDict, fields: dict[str, Any]
+) -> None:
+  """Sets `config.oneshot` fields; a name it does not know is an error.
+
+  Raises:
+    cli.ConfigError: (a ValueError) for an unknown field;
+      cli.ConfigTypeError (a TypeError) for a value the field's type refuses.
+  """
+  for key, value in fields.items():
+    if key not in config.oneshot and key not in DEFAULTS:
+      known = sorted({*config.oneshot.keys(), *DEFAULTS})
+      raise cli.ConfigError(
+          f"config.oneshot has no field {key!r} (fields: {', '.join(known)})"
+      )
+    try:
+      config.oneshot[key] = value
+    except TypeError as e:
+      raise cli.ConfigTypeError(
+          f"config.oneshot.{key}={value!r}: {e}"
+      ) from None
+
+
 def sweep(
     workdir: str,
     *,
@@ -153,20 +620,19 @@ def sweep(
 
   Args:
     workdir: a training run's directory (its `config.json` and checkpoints).
-    override: `config.oneshot` fields to replace, e.g. `{"bn_batches": 10}`.
+    override: `config.oneshot` fields to replace, e.g. `{"bn_batches": 10}`
+      or `{"pruners": ("magnitude", "obs"), "quantizers": (8, 4)}`.
     log: called with one line per evaluated configuration, as it finishes
       (e.g. `sgd [3/13] global 70%: accuracy 98.89% (BN re-estimated, 2.1 s)`);
       None for silence.
+
+  Raises:
+    cli.ConfigError: (a ValueError) for a bad `config.oneshot` field, before
+      the run is loaded.
   """
   log = log or (lambda line: None)
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.parallel = (
-      "jit"  # evaluation is the same either way; BN re-estimation needs no axis
-  )
-  config.cram.local_perturbation = False  # a pmap-only training option
-  for key, value in (override or {}).items():
-    config.oneshot[key] = value
+  config = read_config(workdir, override)
+  opts = options(config)
   start = time.perf_counter()
   run, state = train_lib.load_final(workdir, config)
   method = train_lib.method_label(config)
@@ -174,7 +640,9 @@ def sweep(
   metric = run.task.metric
   eval_fn = run.parallel.compile_eval(run.task.eval_outputs)
   variables = train_lib.variables_of(state)
-  sweep_list = compressions(config, run.task)
+  sweep_list = steps(config, run.task)
+  calibration = Calibration(run, variables, opts, log, method)
+  several = opts.pruners != ("magnitude",) or bool(opts.quantizers)
   total = len(sweep_list) + 1  # and dense
   log(
       f"{method}: {model} on {dataset} from {workdir} (step "
@@ -184,13 +652,13 @@ def sweep(
   def evaluate(variables):
     return train_lib.evaluate(run, eval_fn, run.parallel.place_state(variables))
 
-  def finish(label, kind, target, report, metrics, note, seconds):
+  def finish(step, report, metrics, note, seconds):
     results.append(
         Result(
             method,
-            label,
-            kind,
-            target,
+            step.label,
+            step.kind,
+            step.target,
             report.prunable_sparsity,
             report.total_sparsity,
             metrics,
@@ -198,8 +666,10 @@ def sweep(
             dataset,
             split=config.eval_split,
             bn_reestimated=bool(note),
+            pruner=step.pruner,
         )
     )
+    label = column_label(results[-1]) if several else step.label
     log(
         f"{method} [{len(results)}/{total}] {label}: {metric} "
         f"{100 * metrics.get(metric, math.nan):.2f}% ({note}{seconds:.1f} s)"
@@ -208,9 +678,7 @@ def sweep(
   results: list[Result] = []
   dense = cram_jax.sparsity_report(variables["params"], select=run.task.select)
   finish(
-      "dense",
-      "dense",
-      0.0,
+      Step("none", "dense", "dense", 0.0, None),
       dense,
       evaluate(variables),
       "",
@@ -225,9 +693,9 @@ def sweep(
         f"re-estimation ({time.perf_counter() - tick:.1f} s)"
     )
   note = "BN re-estimated, " if bn_inputs is not None else ""
-  for label, kind, target, compressor, kwargs in sweep_list:
+  for step in sweep_list:
     tick = time.perf_counter()
-    pruned, masks = cram_jax.prune(variables["params"], compressor, **kwargs)
+    pruned, masks = step.apply(variables["params"], calibration)
     report = cram_jax.sparsity_report(pruned, masks)
     candidate = {**variables, "params": pruned}
     if bn_inputs is not None:
@@ -235,34 +703,46 @@ def sweep(
           run.task.model, candidate, bn_inputs
       )
     metrics = evaluate(candidate)
-    finish(
-        label,
-        kind,
-        target,
-        report,
-        metrics,
-        note,
-        time.perf_counter() - tick,
-    )
+    finish(step, report, metrics, note, time.perf_counter() - tick)
   return results
 
 
+def column_label(result: Result) -> str:
+  """'OBS global 90%', 'SparseGPT 2:4', 'RTN int8'; 'dense' for dense."""
+  if result.pruner == "none":
+    return result.compression
+  return f"{PRUNER_NAMES[result.pruner]} {result.compression}"
+
+
+def _columns(results: Sequence[Result]) -> list[tuple[tuple[str, str], str]]:
+  """The table's columns, in order: ((pruner, compression), header).
+
+  Magnitude pruning alone keeps its plain labels ('global 90%'), so the
+  demo's table reads as it always has; otherwise each header names its pruner.
+  """
+  keys = list(dict.fromkeys((r.pruner, r.compression) for r in results))
+  plain = {p for p, _ in keys} <= {"none", "magnitude"}
+  by_key = {(r.pruner, r.compression): r for r in results}
+  return [(key, key[1] if plain else column_label(by_key[key])) for key in keys]
+
+
 def markdown_table(results: Sequence[Result], metric: str) -> str:
-  labels = list(dict.fromkeys(r.compression for r in results))
+  """Rows: training methods; columns: the compressions (see `_columns`)."""
+  columns = _columns(results)
   methods = list(dict.fromkeys(r.method for r in results))
   value = {
-      (r.method, r.compression): r.metrics.get(metric, float("nan"))
+      (r.method, r.pruner, r.compression): r.metrics.get(metric, float("nan"))
       for r in results
   }
   lines = [
-      "| method | " + " | ".join(labels) + " |",
-      "|---|" + "---:|" * len(labels),
+      "| method | " + " | ".join(header for _, header in columns) + " |",
+      "|---|" + "---:|" * len(columns),
   ]
   for m in methods:
     lines.append(
         f"| {m} | "
         + " | ".join(
-            f"{100 * value.get((m, lab), math.nan):.2f}" for lab in labels
+            f"{100 * value.get((m, *key), math.nan):.2f}" for key, _ in columns
         )
         + " |"
     )
@@ -276,6 +756,7 @@ def write_csv(results: Sequence[Result], path: str) -> None:
     writer.writerow(
         [
             "method",
+            "pruner",
             "compression",
             "kind",
             "target_sparsity",
@@ -288,6 +769,7 @@ def write_csv(results: Sequence[Result], path: str) -> None:
       writer.writerow(
           [
               r.method,
+              r.pruner,
               r.compression,
               r.kind,
               r.target,
@@ -310,7 +792,192 @@ def _title(results: Sequence[Result]) -> str:
   return models or datasets
 
 
+def only_magnitude(results: Sequence[Result]) -> bool:
+  """Whether `results` hold magnitude pruning alone (the demo's sweep)."""
+  return {r.pruner for r in results} <= {"none", "magnitude"}
+
+
 def plot(results: Sequence[Result], metric: str, path: str) -> None:
+  """The magnitude-only layout (`plot_magnitude`), else `plot_by_pruner`."""
+  if only_magnitude(results):
+    plot_magnitude(results, metric, path)
+  else:
+    plot_by_pruner(results, metric, path)
+
+
+def _plt():
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  return plt
+
+
+def plot_by_pruner(results: Sequence[Result], metric: str, path: str) -> None:
+  """One panel per pruner and a last panel of N:M and quantisation; one colour per method.
+
+  Pruner panels: the metric against the measured sparsity of the prunable
+  weights, global (solid, circles) and layer-wise (dashed, squares), each
+  method's unpruned model as a dotted line. Last panel: one column per N:M
+  pattern and pruner and per bit width, a marker per method (spread sideways so
+  that equal values stay visible).
+  """
+  plt = _plt()
+  from matplotlib.lines import Line2D  # pylint: disable=import-outside-toplevel
+
+  methods = list(dict.fromkeys(r.method for r in results))
+  colors = dict(
+      zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
+  )
+  pruners = [
+      p
+      for p in dict.fromkeys(r.pruner for r in results)
+      if any(r.pruner == p and r.kind in ("global", "uniform") for r in results)
+  ]
+  fixed = [
+      (key, header)
+      for key, header in _columns(results)
+      if any(
+          (r.pruner, r.compression) == key and r.kind in ("n:m", "quantize")
+          for r in results
+      )
+  ]
+  panels = len(pruners) + bool(fixed)
+  fig, axes = plt.subplots(
+      1,
+      panels,
+      figsize=(3.6 * panels + 0.6, 4.8),
+      dpi=120,
+      sharey=True,
+      squeeze=False,
+  )
+
+  def value(r):
+    return 100 * r.metrics.get(metric, math.nan)
+
+  dense = {r.method: value(r) for r in results if r.kind == "dense"}
+  styles = {"global": ("-", "o"), "uniform": ("--", "s")}
+  for ax, pruner in zip(axes[0], pruners):
+    xs = []
+    kinds = []
+    for m in methods:
+      if m in dense:
+        ax.axhline(dense[m], color=colors[m], linestyle=":", linewidth=1.0)
+      for kind, (line, marker) in styles.items():
+        rows = sorted(
+            (
+                r
+                for r in results
+                if r.method == m and r.pruner == pruner and r.kind == kind
+            ),
+            key=lambda r: r.prunable_sparsity,
+        )
+        if not rows:
+          continue
+        kinds.append(kind)
+        xs += [100 * r.prunable_sparsity for r in rows]
+        ax.plot(
+            [100 * r.prunable_sparsity for r in rows],
+            [value(r) for r in rows],
+            linestyle=line,
+            marker=marker,
+            color=colors[m],
+            markersize=4,
+        )
+    ticks = sorted({round(x) for x in xs})
+    ax.set_xticks(ticks, [f"{t}%" for t in ticks], fontsize=8)
+    ax.set_xlabel("sparsity of the prunable weights", fontsize=9)
+    what = " + ".join(
+        KIND_NAMES[k]
+        for k in dict.fromkeys(sorted(kinds, key=list(styles).index))
+    )
+    ax.set_title(f"{PRUNER_NAMES[pruner]} ({what})", fontsize=10)
+    ax.grid(alpha=0.3)
+  axes[0, 0].set_ylabel(f"{metric} (%)")
+  if fixed:
+    ax = axes[0, -1]
+    spread = 0.6 / max(len(methods) - 1, 1)
+    for j, m in enumerate(methods):
+      offset = (j - (len(methods) - 1) / 2) * spread
+      for i, (key, _) in enumerate(fixed):
+        rows = [
+            r
+            for r in results
+            if r.method == m and (r.pruner, r.compression) == key
+        ]
+        if rows:
+          ax.plot(
+              i + offset,
+              value(rows[0]),
+              marker="D",
+              color=colors[m],
+              markersize=5,
+              linestyle="none",
+          )
+    for i in range(1, len(fixed)):
+      ax.axvline(i - 0.5, color="0.85", linewidth=0.8)
+    ax.set_xticks(
+        range(len(fixed)),
+        [header.replace(" ", "\n", 1) for _, header in fixed],
+        fontsize=8,
+    )
+    ax.set_xlim(-0.5, len(fixed) - 0.5)
+    ax.set_title("N:M and quantisation", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+  lows = [value(r) for r in results if math.isfinite(value(r))]
+  if lows:
+    axes[0, 0].set_ylim(max(0.0, min(lows) - 5), min(102.0, max(lows) + 3))
+  splits = "/".join(dict.fromkeys(r.split for r in results if r.split))
+  what = _title(results)
+  fig.suptitle(
+      "One-shot compression without retraining"
+      + (f": {what}" if what else "")
+      + f"\n{metric} on the {splits or 'evaluation'} split"
+      + (
+          ", BatchNorm re-estimated after each compression"
+          if any(r.bn_reestimated for r in results)
+          else ""
+      ),
+      fontsize=11,
+  )
+  handles = [
+      Line2D(
+          [],
+          [],
+          color=colors[m],
+          marker="o",
+          linestyle="-",
+          label=m if m not in dense else f"{m} (dense {dense[m]:.1f}%)",
+      )
+      for m in methods
+  ]
+  styles_shown = [
+      Line2D([], [], color="0.3", linestyle="-", marker="o", label="global"),
+      Line2D(
+          [], [], color="0.3", linestyle="--", marker="s", label="layer-wise"
+      ),
+      Line2D([], [], color="0.3", linestyle=":", label="dense (unpruned)"),
+  ]
+  per_row = 4
+  rows = [handles[i : i + per_row] for i in range(0, len(handles), per_row)]
+  rows.append(styles_shown)
+  height = 0.045
+  for k, row in enumerate(rows):
+    fig.legend(
+        handles=row,
+        loc="lower center",
+        bbox_to_anchor=(0.5, height * (len(rows) - 1 - k)),
+        ncol=len(row),
+        fontsize=8,
+        frameon=False,
+    )
+  fig.tight_layout(rect=(0, height * len(rows) + 0.01, 1, 1))
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_magnitude(results: Sequence[Result], metric: str, path: str) -> None:
   """Two panels sharing the metric axis, one colour per method.
 
   Left: the metric against the measured sparsity of the prunable weights, global
@@ -489,17 +1156,28 @@ def plot(results: Sequence[Result], metric: str, path: str) -> None:
 
 
 def write_outputs(
-    results: Sequence[Result], metric: str, out: str
+    results: Sequence[Result],
+    metric: str,
+    out: str,
+    *,
+    name: str = "oneshot",
+    heading: str | None = None,
 ) -> dict[str, str]:
+  """Writes `<name>.md` (the table), `<name>.csv` and `<name>.png` to `out`.
+
+  `heading` is the table file's first line (default: "<metric> (%) after
+  one-shot pruning").
+  """
   os.makedirs(out, exist_ok=True)
   paths = {
-      "table": os.path.join(out, "oneshot.md"),
-      "csv": os.path.join(out, "oneshot.csv"),
-      "plot": os.path.join(out, "oneshot.png"),
+      "table": os.path.join(out, f"{name}.md"),
+      "csv": os.path.join(out, f"{name}.csv"),
+      "plot": os.path.join(out, f"{name}.png"),
   }
   table = markdown_table(results, metric)
+  heading = heading or f"{metric} (%) after one-shot pruning"
   with open(paths["table"], "w") as f:
-    f.write(f"{metric} (%) after one-shot pruning\n\n{table}\n")
+    f.write(f"{heading}\n\n{table}\n")
   write_csv(results, paths["csv"])
   plot(results, metric, paths["plot"])
   return paths
@@ -529,6 +1207,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
   parser.add_argument("--sparsities", type=float, nargs="*", default=None)
   parser.add_argument("--bn-batches", type=int, default=None)
   parser.add_argument(
+      "--pruners",
+      nargs="+",
+      default=None,
+      help=f"one-shot pruners, of {', '.join(PRUNERS)} (default: the config's)",
+  )
+  parser.add_argument(
+      "--quantizers",
+      type=int,
+      nargs="*",
+      default=None,
+      help="bit widths of round-to-nearest quantisation, e.g. 8 4",
+  )
+  parser.add_argument(
       "-v",
       "--verbose",
       action="store_true",
@@ -553,8 +1244,14 @@ def _run(args: argparse.Namespace) -> dict[str, str]:
           f"--bn-batches must be a positive int, got {args.bn_batches}"
       )
     override["bn_batches"] = args.bn_batches
+  if args.pruners is not None:
+    override["pruners"] = tuple(args.pruners)
+  if args.quantizers is not None:
+    override["quantizers"] = tuple(args.quantizers)
   for workdir in args.workdir:
     _check_workdir(workdir)
+  for workdir in args.workdir:  # every config checked before any run loads
+    read_config(workdir, override)
   results: list[Result] = []
   metric = None
   for workdir in args.workdir:
