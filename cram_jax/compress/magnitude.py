@@ -62,6 +62,28 @@ def _bits(leaf: jax.Array, ftype: Any, itype: Any) -> jax.Array:
   return lax.bitcast_convert_type(jnp.abs(leaf).astype(ftype), itype)
 
 
+def shard_counts(x: Any) -> tuple[int, ...]:
+  """Per axis of ``x``, into how many shards an explicit sharding splits it.
+
+  Known at trace time only for explicit-mode meshes (``jax.typeof(x)``); 1 for
+  every axis otherwise (auto mode: XLA places the shards).
+  """
+  ones = (1,) * np.ndim(x)
+  try:
+    sharding = jax.typeof(x).sharding
+    sizes = dict(sharding.mesh.shape)
+    spec = tuple(sharding.spec) + (None,) * len(ones)
+  except (AttributeError, TypeError, ValueError):
+    return ones
+  counts = []
+  for entry in spec[: len(ones)]:
+    names = (
+        () if entry is None else (entry,) if isinstance(entry, str) else entry
+    )
+    counts.append(int(np.prod([sizes.get(n, 1) for n in names])))
+  return tuple(counts)
+
+
 def _count(predicate: jax.Array) -> jax.Array:
   """Number of True entries (int32), without mixing the leaf's axes.
 
@@ -69,17 +91,22 @@ def _count(predicate: jax.Array) -> jax.Array:
   uint8 (vectorised about 8x better on CPU than an int32 sum), then all is
   summed in int32. No reshape crosses axes: an axis sharded into blocks of a
   multiple of the run length stays local, so the count is one local sum plus
-  an all-reduce of a scalar.
+  an all-reduce of a scalar. Under an explicit sharding the run divides the
+  block; under auto sharding a misaligned block costs XLA a small exchange.
   """
   shape = predicate.shape
   if not shape:
     return predicate.astype(jnp.int32)
   last = len(shape) - 1
+  block = [
+      n // s if n % s == 0 else 1
+      for n, s in zip(shape, shard_counts(predicate))
+  ]
   axis = max(
       range(len(shape)),
-      key=lambda a: (math.gcd(shape[a], _CHUNK), a != last, shape[a]),
+      key=lambda a: (math.gcd(block[a], _CHUNK), a != last, shape[a]),
   )
-  run = math.gcd(shape[axis], _CHUNK)
+  run = math.gcd(block[axis], _CHUNK)
   if run == 1:
     return jnp.sum(predicate, dtype=jnp.int32)
   runs = predicate.astype(jnp.uint8).reshape(
