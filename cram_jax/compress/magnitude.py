@@ -9,14 +9,16 @@ Layer-wise pruning takes its per-leaf counts from a sparsity distribution
 (:mod:`cram_jax.compress.distribution`: uniform, ERK or a user map).
 
 How it stays fast: no sort, and no concatenated copy of the model. The k-th
-largest magnitude is found by bisection on its bit pattern. Non-negative IEEE
-floats order exactly like their bits read as signed integers, so 31 passes
-(float32) each count ``bits >= candidate`` over the leaves (a fused
-compare-and-sum, one read of the weights) and fix one bit of the threshold. Ties
-at the threshold are then resolved by a second bisection, on the flat index,
-only when there are more tied entries than places left.
-The counts accumulate in uint8 lanes across 128 slices of each leaf before one
-int32 sum: XLA's CPU code vectorises that about 6x better than a plain int32 sum.
+largest magnitude is found by a radix search on its bit pattern: non-negative
+IEEE floats order exactly like their bits read as signed integers, and each pass
+over the leaves counts the entries at least each of 3 candidates (sibling
+compare-and-sums that XLA may fuse into one read), fixing 2 bits: 16 passes for
+float32, 8 for leaves that are all bfloat16 or all float16 (searched on their
+own 16 bits). Ties at the threshold are cut by a second radix search on the flat
+index, only when there are more tied entries than places left, and for global
+pruning only inside the one leaf where the cut falls.
+Counts never reshape across axes (see :func:`_count`), so sharded parameters
+need only all-reduces of scalars. docs/masks.md has the details.
 """
 
 from __future__ import annotations
