@@ -1121,3 +1121,138 @@ def test_erk_errors_for_traced_targets_and_scalar_leaves():
     )(params)
   with pytest.raises(ValueError, match=r"level must be in \[0, 0\], got 1"):
     compress.erk(0.5)(params, level=1)
+
+
+# ---------------------------------------------------------------- 16-bit, ties, sharding
+
+LEVELS = (0.0, 0.3, 0.5, 0.9, 1.0)
+
+
+@st.composite
+def tie_trees(draw, dtype):
+  """1-3 leaves in ``dtype``: integer values from a small range (many ties) or
+  normal draws (distinct in float32, tied after rounding to 16 bits)."""
+  tree = {}
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  distinct = draw(st.sampled_from([1, 3, 8, None]))
+  for i in range(draw(st.integers(1, 3))):
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=2, max_size=3)))
+    if distinct is None:
+      data = rng.normal(size=shape)
+    else:
+      data = rng.integers(-distinct, distinct + 1, size=shape)
+    tree[f"layer{i}"] = jnp.asarray(data, dtype)
+  return tree
+
+
+def _as_f32(tree):
+  return [np.asarray(tree[n], np.float32) for n in sorted(tree)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@settings(max_examples=8)  # one compilation per example sweeps the levels
+@given(data=st.data())
+def test_global_16_bit_and_tied_inputs_match_oracle(dtype, data):
+  tree = data.draw(tie_trees(dtype))
+  swept = jax.jit(compress.global_magnitude(LEVELS))
+  flat = np.concatenate([np.abs(x).ravel() for x in _as_f32(tree)])
+  for level, s in enumerate(LEVELS):
+    masks = swept(tree, level=level)[1]
+    got = np.concatenate([np.asarray(masks[n]).ravel() for n in sorted(tree)])
+    np.testing.assert_array_equal(
+        got, topk_oracle(flat, round((1 - s) * flat.size)), err_msg=f"{s=}"
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@settings(max_examples=8)
+@given(data=st.data())
+def test_layerwise_16_bit_and_tied_inputs_match_oracle(dtype, data):
+  tree = data.draw(tie_trees(dtype))
+  swept = jax.jit(compress.layerwise_magnitude(LEVELS))
+  for level, s in enumerate(LEVELS):
+    masks = swept(tree, level=level)[1]
+    for n, x in zip(sorted(tree), _as_f32(tree)):
+      np.testing.assert_array_equal(
+          np.asarray(masks[n]).ravel(),
+          topk_oracle(np.abs(x).ravel(), round((1 - s) * x.size)),
+          err_msg=f"{n} {s=}",
+      )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("keep", [0, 1, 7, 30, 31, 45, 59, 60, 61, 89, 90])
+def test_ties_cut_in_the_first_middle_or_last_leaf(dtype, keep):
+  # 90 equal magnitudes in three leaves (30 each) and a few larger ones; the
+  # cut through the ties falls in leaf 0, 1 or 2 depending on keep.
+  leaves = [np.full((5, 6), -2.0, np.float32) for _ in range(3)]
+  leaves[1][0, 0] = leaves[2][4, 5] = 3.0  # two strictly above the tie value
+  tree = {f"l{i}": jnp.asarray(x, dtype) for i, x in enumerate(leaves)}
+  size = 90
+  s = 1 - keep / size
+  masks = jax.jit(compress.global_magnitude(s))(tree)[1]
+  got = np.concatenate([np.asarray(masks[f"l{i}"]).ravel() for i in range(3)])
+  flat = np.concatenate([np.abs(x).ravel() for x in leaves])
+  np.testing.assert_array_equal(got, topk_oracle(flat, keep))
+  assert got.sum() == keep
+
+
+def _sharded_cases():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((8,), ("d",))
+  mesh2 = jax.make_mesh((2, 4), ("a", "b"))
+  return [
+      ("fsdp axis 0", NamedSharding(mesh, P("d", None))),
+      ("fsdp axis 1", NamedSharding(mesh, P(None, "d"))),
+      ("2-d mesh", NamedSharding(mesh2, P("a", "b"))),
+      ("2-d mesh, swapped", NamedSharding(mesh2, P("b", "a"))),
+      ("replicated", NamedSharding(mesh, P())),
+  ]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_sharded_params_give_the_masks_of_unsharded_ones(dtype):
+  assert jax.device_count() == 8  # tests/conftest.py
+  rng = np.random.default_rng(7)
+  # Few distinct values: the tie search runs too.
+  tree = {
+      "a": jnp.asarray(rng.integers(-4, 5, size=(64, 16)), dtype),
+      "b": jnp.asarray(rng.normal(size=(32, 24)), dtype),
+  }
+  fns = [
+      compress.global_magnitude(0.7),
+      compress.layerwise_magnitude(0.6),
+      compress.n_of_m(2, 4),
+  ]
+  want = [jax.jit(fn)(tree)[1] for fn in fns]
+  for name, sharding in _sharded_cases():
+    sharded = jax.device_put(tree, sharding)
+    for fn, expected in zip(fns, want):
+      got = jax.jit(fn)(sharded)[1]
+      for leaf in tree:
+        np.testing.assert_array_equal(
+            np.asarray(got[leaf]), np.asarray(expected[leaf]), err_msg=name
+        )
+
+
+def test_blocks_of_a_sharded_axis_that_split_runs_or_groups():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  # 24 rows over 8 devices: blocks of 3 rows, not a multiple of 4 or 8.
+  x = np.random.default_rng(8).normal(size=(24, 16)).astype(np.float32)
+  mesh = jax.make_mesh((8,), ("d",))
+  sharded = {"k": jax.device_put(jnp.asarray(x), NamedSharding(mesh, P("d")))}
+  for fn in (compress.global_magnitude(0.5), compress.layerwise_magnitude(0.3)):
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(fn)(sharded)[1]["k"]),
+        np.asarray(fn({"k": jnp.asarray(x)})[1]["k"]),
+    )
+  with pytest.raises(
+      ValueError,
+      match=r"n_of_m\(2, 4\): leaf 'k' of shape \(24, 16\) is split into 8 "
+      "shards of 3 along axis 0, not a multiple of 4",
+  ):
+    jax.jit(compress.n_of_m(2, 4))(sharded)

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cram_jax.compress import base, validate
+from cram_jax.compress import base, magnitude, validate
 from cram_jax.compress import select as select_lib
 
 _POLICIES = ("error", "skip")
@@ -122,6 +122,16 @@ def n_of_m(
             f"{owner}: leaf '{name}' has {shape[axis]} inputs along axis "
             f"{axis % len(shape)}, not a multiple of {m} "
             "(exclude it, or pass on_indivisible='skip')"
+        )
+      shards = magnitude.shard_counts(x)[axis]
+      if shape[axis] // shards % m:
+        # Groups of m would straddle two devices: the in-place reshape has
+        # no sharding, and JAX's explicit mode refuses it.
+        raise ValueError(
+            f"{owner}: leaf '{name}' of shape {shape} is split into {shards} "
+            f"shards of {shape[axis] // shards} along axis {axis % len(shape)}, "
+            f"not a multiple of {m}: groups of {m} would straddle shards "
+            "(shard another axis, or fewer ways)"
         )
       leaf_masks[name] = nm_mask(x, n, m, axis)
     if not leaf_masks:
