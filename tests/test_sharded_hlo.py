@@ -1,0 +1,393 @@
+"""Sharded compressors and CrAM steps move no parameter-sized array between devices.
+
+Each compressor, and a full CrAM update step, is compiled for 8 simulated CPU
+devices under four shardings of a tiny conv+MLP params tree, and the collectives
+of the optimised HLO (``tests/hlo_checks.py``) are inspected:
+
+* ``fsdp_first``: every leaf split 8 ways on its first axis of a size divisible
+  by 8 (axis 0 of Dense kernels and biases, the input axis of the 3x3 conv
+  kernel, whose spatial axes have 3 entries);
+* ``fsdp_last``: every leaf split 8 ways on its last (output) axis;
+* ``tensor_parallel``: a 2x4 ``('data', 'model')`` mesh; kernels split over
+  ``'model'`` on the input axis and the output axis alternately, biases
+  replicated, the batch split over ``'data'``;
+* ``mixed``: some leaves replicated, others split 8 ways.
+
+"Parameter-sized" (``hlo_checks.PARAMETER_SIZED``): a collective with an array
+of more than 64 elements. The smallest pruned kernel has 16384 weights, so even
+a vector of one entry per 128 weights of a leaf (or of a 8-way shard's
+transpose) is caught, while the scalars and per-level count vectors that an
+exact top-k needs (a sum of counts across shards per bisection pass) pass. N:M
+groups of 4 along the input axis never straddle a shard here (every split puts
+a multiple of 4 inputs on each device): where they do, communication would be
+inherent, not a defect.
+
+Against the masks code of 2026-11 (bit bisection over ``reshape(128, -1)`` of
+the flattened leaf) the magnitude compressors fail these checks: XLA gathers the
+predicates of the sharded leaves and all-reduces 128-lane partial sums. That is
+the acceptance check for the rewrite; N:M passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import pathlib
+
+import hlo_checks
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import cram_jax
+from cram_jax import compress
+
+BATCH = 16
+SHARDINGS = ("fsdp_first", "fsdp_last", "tensor_parallel", "mixed")
+COMPRESSORS = {
+    # name: (compressor, levels to run: None for a compressor without level=)
+    "global_levels": (compress.global_magnitude([0.5, 0.7, 0.9]), (0, 1, 2)),
+    "layerwise": (compress.layerwise_magnitude(0.9), None),
+    "layerwise_erk": (compress.layerwise_magnitude(compress.erk(0.9)), None),
+    "n_of_m": (compress.n_of_m(2, 4), None),
+}
+
+
+def make_params() -> dict[str, dict[str, jax.Array]]:
+  """A conv + 2-layer MLP tree; every kernel has >= 16384 weights.
+
+  Dense_1's kernel is rounded to quarters, so the magnitude compressors meet
+  many ties at their threshold and take the lower-flat-index path.
+  """
+  k = jax.random.split(jax.random.key(0), 5)
+  return {
+      "Conv_0": {"kernel": jax.random.normal(k[0], (3, 3, 32, 64))},
+      "Dense_0": {
+          "kernel": jax.random.normal(k[1], (64, 256)),
+          "bias": 0.1 * jax.random.normal(k[2], (256,)),
+      },
+      "Dense_1": {
+          "kernel": jnp.round(4 * jax.random.normal(k[3], (256, 64))) / 4,
+          "bias": 0.1 * jax.random.normal(k[4], (64,)),
+      },
+  }
+
+
+def loss(params, batch):
+  """Squared error of a 3x3 conv on 3x3 patches (one output pixel), then an MLP.
+
+  The conv is written as its einsum: a padded convolution compiles several
+  times slower on the partitioned CPU backend, for nothing these tests need.
+  """
+  x, y = batch
+  h = jax.nn.relu(jnp.einsum("bhwi,hwio->bo", x, params["Conv_0"]["kernel"]))
+  h = jax.nn.relu(h @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+  out = h @ params["Dense_1"]["kernel"] + params["Dense_1"]["bias"]
+  return jnp.mean((out - y) ** 2)
+
+
+def make_batch():
+  k1, k2 = jax.random.split(jax.random.key(1))
+  return (
+      jax.random.normal(k1, (BATCH, 3, 3, 32)),
+      jax.random.normal(k2, (BATCH, 64)),
+  )
+
+
+def _compile(lowered):
+  """Compiles with LLVM at -O0: twice as fast, and it changes no collective.
+
+  Where collectives go is decided by XLA's HLO passes (SPMD partitioning),
+  which run the same at every backend optimisation level.
+  """
+  return lowered.compile({"xla_backend_optimization_level": 0})
+
+
+def _split(ndim: int, axis: int, name: str) -> P:
+  spec = [None] * ndim
+  spec[axis] = name
+  return P(*spec)
+
+
+@functools.cache
+def layout(sharding: str) -> tuple[Mesh, dict, P]:
+  """``(mesh, params PartitionSpec tree, batch PartitionSpec)`` of a sharding."""
+  assert jax.device_count() >= 8, "tests/conftest.py sets 8 CPU devices"
+  params = make_params()
+  if sharding == "tensor_parallel":
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    kernels = iter(range(100))
+
+    def spec(path, x):
+      if x.ndim == 1:
+        return P()
+      return _split(x.ndim, -2 if next(kernels) % 2 == 0 else -1, "model")
+
+    return mesh, jax.tree_util.tree_map_with_path(spec, params), P("data")
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  if sharding == "fsdp_first":
+
+    def spec(path, x):
+      return _split(x.ndim, [d % 8 for d in x.shape].index(0), "data")
+
+  elif sharding == "fsdp_last":
+
+    def spec(path, x):
+      return _split(x.ndim, -1, "data")
+
+  else:
+    assert sharding == "mixed", sharding
+    split = {"Conv_0/kernel": -1, "Dense_0/bias": 0, "Dense_1/kernel": 0}
+
+    def spec(path, x):
+      axis = split.get(compress.path_str(path))
+      return P() if axis is None else _split(x.ndim, axis, "data")
+
+  return mesh, jax.tree_util.tree_map_with_path(spec, params), P("data")
+
+
+def param_shardings(sharding: str) -> dict:
+  mesh, specs, _ = layout(sharding)
+  return jax.tree.map(
+      lambda s: NamedSharding(mesh, s),
+      specs,
+      is_leaf=lambda s: isinstance(s, P),
+  )
+
+
+def state_shardings(sharding: str, state):
+  """Optimizer state leaves shaped like a param get its sharding; the rest
+  (step counts, PRNG key data) are replicated. All param shapes differ."""
+  mesh, _, _ = layout(sharding)
+  by_shape = {
+      jnp.shape(x): s
+      for x, s in zip(
+          jax.tree.leaves(make_params()),
+          jax.tree.leaves(param_shardings(sharding)),
+      )
+  }
+  return jax.tree.map(
+      lambda x: by_shape.get(jnp.shape(x), NamedSharding(mesh, P())), state
+  )
+
+
+def _run_compressor(compressor, levels):
+  if levels is None:
+    return lambda p: compressor(p)
+  return lambda p, level: compressor(p, level=level)
+
+
+@functools.cache
+def compiled_compressor(name: str, sharding: str | None):
+  """The compressor jitted for a sharding (None: one device, no sharding)."""
+  compressor, levels = COMPRESSORS[name]
+  fn = _run_compressor(compressor, levels)
+  args = [make_params()] + ([jnp.int32(0)] if levels is not None else [])
+  if sharding is None:
+    return _compile(jax.jit(fn).lower(*args))
+  shardings = [param_shardings(sharding)]
+  if levels is not None:
+    shardings.append(NamedSharding(layout(sharding)[0], P()))
+  return _compile(jax.jit(fn, in_shardings=tuple(shardings)).lower(*args))
+
+
+def _outputs(name: str, sharding: str | None):
+  """Every ``(level, compressed, masks)`` of the compressor on ``make_params()``."""
+  _, levels = COMPRESSORS[name]
+  params = make_params()
+  if sharding is not None:
+    params = jax.device_put(params, param_shardings(sharding))
+  compiled = compiled_compressor(name, sharding)
+  if levels is None:
+    return [(None, *compiled(params))]
+  return [(lv, *compiled(params, jnp.int32(lv))) for lv in levels]
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_compressor_moves_no_parameter_sized_array(name, sharding):
+  found = hlo_checks.parameter_sized(compiled_compressor(name, sharding))
+  assert not found, (
+      f"{name} under {sharding}: parameter-sized collectives\n"
+      + hlo_checks.describe(found)
+  )
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_compressor_sharded_equals_unsharded_bitwise(name, sharding):
+  sparsity = {"layerwise": 0.9, "global_levels": (0.5, 0.7, 0.9)}
+  for (level, got_c, got_m), (_, want_c, want_m) in zip(
+      _outputs(name, sharding), _outputs(name, None)
+  ):
+    where = f"{name} (level {level}) under {sharding}"
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(got_m), jax.tree.leaves(want_m)
+    ):
+      np.testing.assert_array_equal(
+          np.asarray(got), np.asarray(want), f"{where}: {path}"
+      )
+    for got, want in zip(jax.tree.leaves(got_c), jax.tree.leaves(want_c)):
+      assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), where
+    # The unsharded reference itself keeps the exact counts (an oracle
+    # independent of the sharded program).
+    kernels = jax.tree.leaves(want_m)
+    if name == "global_levels":
+      total = sum(m.size for m in kernels)
+      s = sparsity[name][level]
+      assert sum(int(m.sum()) for m in kernels) == round((1 - s) * total)
+    elif name == "layerwise":
+      assert [int(m.sum()) for m in kernels] == [
+          round(0.1 * m.size) for m in kernels
+      ]
+    elif name == "n_of_m":
+      for m in kernels:
+        groups = np.moveaxis(np.asarray(m), -2, -1).reshape(-1, 4)
+        assert (groups.sum(-1) == 2).all()
+
+
+# The CrAM step: what is legitimate.
+#
+# A data-parallel or FSDP step moves parameter-sized arrays by nature: FSDP
+# all-gathers each kernel for the forward and backward pass, and the gradient
+# of a batch split across devices is summed across them (an all-reduce, or a
+# reduce-scatter into the params' sharding; XLA's CPU backend all-reduces then
+# slices). A CrAM step evaluates the gradient twice (at x and at the compressed
+# perturbed point), so two SGD steps of the same model, loss, batch and
+# shardings are its budget. Everything else in CrAM (the perturbation
+# x + rho * g, the masks, the compression, masking g2, the CrAM+ sum) is
+# elementwise or a top-k by counting, and needs at most scalars and per-level
+# counts across devices. So, per collective kind, the elements moved in arrays
+# of more than 64 entries by the CrAM step must not exceed twice those of the
+# SGD step (elements, not instruction counts: XLA may combine or split
+# collectives differently in the two programs). The compressor tests above
+# cover the case this cannot see: XLA gathering the perturbed params once and
+# then reusing the gathered copy for both the mask and the forward pass.
+
+
+def _train_step(tx, cram_like: bool):
+  def step(params, state, batch):
+    grads = jax.grad(loss)(params, batch)
+    extra = (
+        {"grad_fn": lambda p, _: jax.grad(loss)(p, batch)} if cram_like else {}
+    )
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+@functools.cache
+def compiled_step(method: str, sharding: str):
+  if method == "cram":
+    tx = cram_jax.cram(
+        optax.sgd(0.1, momentum=0.9),
+        compress.global_magnitude([0.5, 0.7, 0.9]),
+        rho=0.05,
+        plus=True,
+    )
+  else:
+    tx = optax.sgd(0.1, momentum=0.9)
+  params = make_params()
+  state = tx.init(params)
+  mesh, _, batch_spec = layout(sharding)
+  p_sh = param_shardings(sharding)
+  s_sh = state_shardings(sharding, state)
+  b_sh = (NamedSharding(mesh, batch_spec),) * 2
+  return _compile(
+      jax.jit(
+          _train_step(tx, method == "cram"),
+          in_shardings=(p_sh, s_sh, b_sh),
+          out_shardings=(p_sh, s_sh),
+      ).lower(params, state, make_batch())
+  )
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_sgd_step_has_parameter_sized_collectives(sharding):
+  """Positive control: the parser sees the traffic every sharding needs
+  (FSDP gathers, gradient sums over the batch axis)."""
+  assert hlo_checks.parameter_sized(compiled_step("sgd", sharding))
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_cram_step_adds_no_parameter_sized_collective(sharding):
+  cram_volume = hlo_checks.volume_by_op(compiled_step("cram", sharding))
+  sgd_volume = hlo_checks.volume_by_op(compiled_step("sgd", sharding))
+  over = {
+      op: (n, 2 * sgd_volume.get(op, 0))
+      for op, n in cram_volume.items()
+      if n > 2 * sgd_volume.get(op, 0)
+  }
+  sgd = hlo_checks.parameter_sized(compiled_step("sgd", sharding))
+  extra = hlo_checks.excess(
+      hlo_checks.parameter_sized(compiled_step("cram", sharding)), sgd + sgd
+  )
+  assert not over, (
+      f"CrAM step under {sharding}: elements moved (CrAM, 2x SGD) {over}; "
+      "its parameter-sized collectives beyond two SGD steps':\n"
+      + hlo_checks.describe(extra)
+  )
+
+
+def test_parser_reads_shapes_async_and_tuples():
+  text = """
+HloModule m
+ENTRY %main (p0: f32[8,256], p1: f32[4]) -> f32[64,256] {
+  %p0 = f32[8,256]{1,0} parameter(0)
+  %p1 = f32[4]{0} parameter(1)
+  %ag = (f32[8,256]{1,0}, f32[64,256]{1,0}) all-gather-start(%p0), dimensions={0}
+  %agd = f32[64,256]{1,0} all-gather-done(%ag)
+  %ar = (f32[4]{0}, u8[128]{0}) all-reduce(f32[4]{0} %p1, u8[128]{0} %x), to_apply=%add
+  %cp = f32[4]{0} collective-permute(%p1), source_target_pairs={{0,1}}
+  ROOT %r = f32[64,256]{1,0} copy(%agd)
+}
+"""
+  found = hlo_checks.collectives(text)
+  assert [(c.op, c.elements) for c in found] == [
+      ("all-gather", 16384),
+      ("all-reduce", 128),
+      ("collective-permute", 4),
+  ]
+  assert found[0].operands == (("f32", (8, 256)),)
+  assert [c.op for c in hlo_checks.parameter_sized(text)] == [
+      "all-gather",
+      "all-reduce",
+  ]
+  # Elements read + written in arrays over 64 entries.
+  assert hlo_checks.volume_by_op(text) == {
+      "all-gather": 2 * 8 * 256 + 64 * 256,
+      "all-reduce": 2 * 128,
+  }
+
+
+def test_a_gathering_compressor_is_caught():
+  """Positive control for the compressor check: a global threshold by
+  ``jnp.sort`` of the concatenated magnitudes needs the whole model on one
+  device."""
+
+  def sort_prune(params):
+    leaves = [x for x in jax.tree.leaves(params) if x.ndim >= 2]
+    flat = jnp.concatenate([jnp.abs(x).ravel() for x in leaves])
+    t = jnp.sort(flat)[math.floor(0.9 * flat.size)]
+    return jax.tree.map(lambda x: jnp.where(jnp.abs(x) >= t, x, 0), params)
+
+  compiled = _compile(
+      jax.jit(sort_prune, in_shardings=(param_shardings("fsdp_last"),)).lower(
+          make_params()
+      )
+  )
+  assert hlo_checks.parameter_sized(compiled)
+
+
+def _load_benchmark():
+  path = pathlib.Path(__file__).parent.parent / "benchmarks" / "masks.py"
+  spec = importlib.util.spec_from_file_location("benchmark_masks", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
