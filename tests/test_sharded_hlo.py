@@ -34,6 +34,7 @@ import functools
 import importlib.util
 import math
 import pathlib
+import sys
 
 import hlo_checks
 import jax
@@ -385,9 +386,68 @@ def test_a_gathering_compressor_is_caught():
   assert hlo_checks.parameter_sized(compiled)
 
 
+@functools.cache
 def _load_benchmark():
+  """``benchmarks/masks.py`` as a module (benchmarks/ is not a package)."""
   path = pathlib.Path(__file__).parent.parent / "benchmarks" / "masks.py"
   spec = importlib.util.spec_from_file_location("benchmark_masks", path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # its dataclasses look themselves up here
   spec.loader.exec_module(module)
   return module
+
+
+def test_benchmark_runs_on_a_tiny_tree(capsys):
+  """``benchmarks/masks.py --quick`` end to end on a tiny tree, so the script
+  cannot rot (its real trees are far too big for a test)."""
+  masks = _load_benchmark()
+  tiny = masks.make_params({"conv": (3, 3, 8, 16), "dense": (16, 32)})
+  args = masks.parse_args(["--quick", "--only", "global", "n_of_m"])
+  assert args.repeats == 2 and args.trees == ["resnet50"]
+  rows, checks = masks.run(args, {"tiny": tiny})
+  names = [r.name for r in rows]
+  assert names == [
+      "global(0.9)",
+      "n_of_m(2, 4)",
+      "global magnitude, jnp.sort threshold (reference)",
+      "global magnitude, lax.top_k threshold (reference)",
+      "2:4, double argsort (reference)",
+  ]
+  for r in rows:
+    assert 0 < r.seconds < 60 and 0 < r.floor_seconds < 60, r
+  for r in rows[:2]:
+    assert r.compile_seconds > 0 and r.bf16_ratio > 0 and r.sharded_ratio > 0
+  # N:M along the input axis of kernels split on the output axis: local.
+  assert rows[1].sharded_collectives == 0
+  # 4 targets per compressor, one speed-up per reference.
+  assert len(checks) == 2 * 4 + 3
+  out = capsys.readouterr().out
+  table = [line for line in out.splitlines() if line.startswith("| tiny |")]
+  assert len(table) == len(rows)
+  status = [line.split()[0] for line in out.splitlines() if " (" in line]
+  assert sorted(set(status) & {"PASS", "FAIL"}) and len(
+      [s for s in status if s in ("PASS", "FAIL")]
+  ) == len(checks)
+
+
+def test_benchmark_trees_and_floor():
+  masks = _load_benchmark()
+  # BERT-base: 12 x (4 x 768^2 + 2 x 768 x 3072) + the 768^2 pooler.
+  assert sum(map(math.prod, masks.bert_base_kernel_shapes().values())) == (
+      12 * (4 * 768**2 + 2 * 768 * 3072) + 768**2
+  )
+  # ResNet-50 conv and dense kernels (no BatchNorm, no bias): 25,502,912.
+  shapes = masks.resnet50_kernel_shapes()
+  assert len(shapes) == 54
+  assert sum(map(math.prod, shapes.values())) == 25_502_912
+  # The floor: exactly |w| >= t and where(), on the pruned leaves only.
+  params = masks.make_params({"a": (4, 8), "b": (3, 4)})
+  pruned = {"a": {"kernel": params["a"]["kernel"]}, "b": {"kernel": None}}
+  out, got = jax.jit(masks.floor_fn(pruned))(params, jnp.float32(0.5))
+  w = np.asarray(params["a"]["kernel"])
+  np.testing.assert_array_equal(got["a"]["kernel"], np.abs(w) >= 0.5)
+  np.testing.assert_array_equal(
+      out["a"]["kernel"], np.where(np.abs(w) >= 0.5, w, 0)
+  )
+  assert got["b"]["kernel"] is None
+  np.testing.assert_array_equal(out["b"]["kernel"], params["b"]["kernel"])
