@@ -169,6 +169,12 @@ def volume_by_op(compiled: Any, limit: int = PARAMETER_SIZED) -> dict[str, int]:
   return {op: n for op, n in totals.items() if n}
 
 
+def traffic(compiled: Any, limit: int = PARAMETER_SIZED) -> tuple[int, int]:
+  """``(number, total volume)`` of the parameter-sized collectives."""
+  found = parameter_sized(compiled, limit)
+  return len(found), sum(c.volume(limit) for c in found)
+
+
 def excess(
     found: list[Collective], allowed: list[Collective]
 ) -> list[Collective]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import math
 import pathlib
 import sys
@@ -122,7 +123,7 @@ def layout(sharding: str) -> tuple[Mesh, dict, P]:
   params = make_params()
   if sharding == "tensor_parallel":
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
-    kernels = iter(range(100))
+    kernels = itertools.count()  # in flatten order: Conv_0, Dense_0, Dense_1
 
     def spec(path, x):
       if x.ndim == 1:
@@ -185,16 +186,32 @@ def _run_compressor(compressor, levels):
 
 @functools.cache
 def compiled_compressor(name: str, sharding: str | None):
-  """The compressor jitted for a sharding (None: one device, no sharding)."""
+  """The compressor jitted for a sharding (None: one device, no sharding).
+
+  The compressed params and the masks are pinned to the params' sharding, as
+  a training step needs them: nothing may be gathered to produce them.
+  """
   compressor, levels = COMPRESSORS[name]
   fn = _run_compressor(compressor, levels)
   args = [make_params()] + ([jnp.int32(0)] if levels is not None else [])
   if sharding is None:
     return _compile(jax.jit(fn).lower(*args))
-  shardings = [param_shardings(sharding)]
+  p_sh = param_shardings(sharding)
+  in_sh = [p_sh]
   if levels is not None:
-    shardings.append(NamedSharding(layout(sharding)[0], P()))
-  return _compile(jax.jit(fn, in_shardings=tuple(shardings)).lower(*args))
+    in_sh.append(NamedSharding(layout(sharding)[0], P()))
+  _, masks = jax.eval_shape(fn, *args)
+  mask_sh = jax.tree.map(
+      lambda m, s: None if m is None else s,
+      masks,
+      p_sh,
+      is_leaf=lambda m: m is None,
+  )
+  return _compile(
+      jax.jit(
+          fn, in_shardings=tuple(in_sh), out_shardings=(p_sh, mask_sh)
+      ).lower(*args)
+  )
 
 
 def _outputs(name: str, sharding: str | None):
@@ -258,17 +275,24 @@ def test_compressor_sharded_equals_unsharded_bitwise(name, sharding):
 # all-gathers each kernel for the forward and backward pass, and the gradient
 # of a batch split across devices is summed across them (an all-reduce, or a
 # reduce-scatter into the params' sharding; XLA's CPU backend all-reduces then
-# slices). A CrAM step evaluates the gradient twice (at x and at the compressed
-# perturbed point), so two SGD steps of the same model, loss, batch and
-# shardings are its budget. Everything else in CrAM (the perturbation
-# x + rho * g, the masks, the compression, masking g2, the CrAM+ sum) is
-# elementwise or a top-k by counting, and needs at most scalars and per-level
-# counts across devices. So, per collective kind, the elements moved in arrays
-# of more than 64 entries by the CrAM step must not exceed twice those of the
-# SGD step (elements, not instruction counts: XLA may combine or split
-# collectives differently in the two programs). The compressor tests above
-# cover the case this cannot see: XLA gathering the perturbed params once and
-# then reusing the gathered copy for both the mask and the forward pass.
+# slices); activations of the split batch cross devices too. A CrAM step
+# evaluates the gradient twice (at x and at the compressed perturbed point), so
+# two SGD steps of the same model, loss, batch and shardings are its budget.
+# Everything else in CrAM (the perturbation x + rho * g, the masks, the
+# compression, masking g2, the CrAM+ sum, the SGD update) is elementwise or a
+# top-k by counting, and needs at most scalars and per-level counts across
+# devices. So the CrAM step may have at most twice as many parameter-sized
+# collectives (more than 64 elements) as the SGD step, moving at most twice
+# as many elements in their parameter-sized arrays.
+#
+# Totals, not one budget per op or per shape: XLA partitions the two programs
+# independently and may trade an all-gather of an activation for an
+# all-reduce, or combine collectives differently (measured: under `mixed`, a
+# CrAM step with a collective-free compressor all-reduces 12% more than two SGD
+# steps but moves 17% fewer elements in all). The slack this leaves is why the
+# compressor tests above also check each compressor alone, where the budget is
+# zero: they catch what this cannot, e.g. XLA gathering the perturbed params
+# once and reusing the copy for both the mask and the forward pass.
 
 
 def _train_step(tx, cram_like: bool):
@@ -318,20 +342,16 @@ def test_sgd_step_has_parameter_sized_collectives(sharding):
 
 @pytest.mark.parametrize("sharding", SHARDINGS)
 def test_cram_step_adds_no_parameter_sized_collective(sharding):
-  cram_volume = hlo_checks.volume_by_op(compiled_step("cram", sharding))
-  sgd_volume = hlo_checks.volume_by_op(compiled_step("sgd", sharding))
-  over = {
-      op: (n, 2 * sgd_volume.get(op, 0))
-      for op, n in cram_volume.items()
-      if n > 2 * sgd_volume.get(op, 0)
-  }
-  sgd = hlo_checks.parameter_sized(compiled_step("sgd", sharding))
-  extra = hlo_checks.excess(
-      hlo_checks.parameter_sized(compiled_step("cram", sharding)), sgd + sgd
+  cram_step, sgd_step = (compiled_step(m, sharding) for m in ("cram", "sgd"))
+  (count, volume), (sgd_count, sgd_volume) = map(
+      hlo_checks.traffic, (cram_step, sgd_step)
   )
-  assert not over, (
-      f"CrAM step under {sharding}: elements moved (CrAM, 2x SGD) {over}; "
-      "its parameter-sized collectives beyond two SGD steps':\n"
+  sgd = hlo_checks.parameter_sized(sgd_step)
+  extra = hlo_checks.excess(hlo_checks.parameter_sized(cram_step), sgd + sgd)
+  assert count <= 2 * sgd_count and volume <= 2 * sgd_volume, (
+      f"CrAM step under {sharding}: {count} parameter-sized collectives moving "
+      f"{volume} elements; two SGD steps: {2 * sgd_count} moving "
+      f"{2 * sgd_volume}. Those not in two SGD steps:\n"
       + hlo_checks.describe(extra)
   )
 
