@@ -5,6 +5,10 @@ XLA program (plain or async ``-start``; ``-done`` halves are not counted twice)
 with the shapes of the arrays it moves, so a test can assert what crosses
 devices. Only the text of ``jax.jit(f).lower(...).compile().as_text()`` is
 used: no XLA internals.
+
+Every computation of the module is read, so a collective wrapped in an
+``async-start`` computation or inside a loop body is found; counts are static
+(a collective in a ``while`` body counts once, however many times it runs).
 """
 
 from __future__ import annotations
