@@ -527,6 +527,8 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+  # Progress lines show up at once when the output goes to a file or a pipe.
+  sys.stdout.reconfigure(line_buffering=True)
   run(parse_args(argv))
 
 
