@@ -1,25 +1,75 @@
-"""Mask speed on a ResNet-50-sized params tree (25.5M weights in 54 kernels).
+"""Mask speed of the compressors on ResNet-50- and BERT-base-sized kernel trees.
 
-Compares, in one run on the same arrays:
-  * global magnitude mask (bit bisection, ours) vs a ``jnp.sort`` threshold and
-    vs ``lax.top_k`` on the concatenated magnitudes;
-  * 2:4 mask (all-pairs rank, ours) vs a double-argsort mask.
-Prints medians and ratios; targets (>= 10x on a 2-core CPU) are checked at the end.
+For each tree and compressor (global 0.9; global [.5, .7, .9] at level 2, the
+level passed traced as in a CrAM-Multi step; layer-wise 0.9; 2:4), measured
+side by side in one run:
 
-  python benchmarks/masks.py [--repeats 5] [--sparsity 0.9]
+* the steady median time of the compiled compressor (pruned params and masks);
+* its ratio to the one-read floor: the same outputs from a known threshold,
+  ``m = |w| >= t; where(m, w, 0)`` per pruned leaf, jitted (the least any
+  compressor must do; for N:M too);
+* compile time: ``jax.jit(f).lower(...).compile()`` timed on its own;
+* bfloat16 vs float32 time;
+* sharded vs unsharded time: kernels split 8 ways on their output (last) axis
+  with a ``NamedSharding`` over 8 simulated CPU devices, and the number of
+  collectives moving a parameter-sized array (more than 64 elements) in the
+  sharded program;
+* on ResNet-50, the references: global threshold by ``jnp.sort`` and by
+  ``lax.top_k``, 2:4 by a double argsort (their masks are checked equal first).
+
+Prints one Markdown table (the README's tables are cut from it) and the targets
+as PASS/FAIL lines: floor ratio <= 6 (global, layer-wise), <= 3 (N:M); bf16 <=
+1.3x float32; compile <= 2 s; no parameter-sized collective when sharded; and
+ours >= 10x faster than each reference.
+
+  python benchmarks/masks.py [--repeats 5] [--quick] [--trees resnet50 bert]
+      [--only global global_levels layerwise n_of_m] [--no-sharded]
+
+``--quick``: 2 repeats, ResNet-50 only (a smoke run). Ratios are only good
+measured in one run on one machine; a loaded machine inflates them all.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-from jax import lax
+# The sharded column needs 8 devices, fixed before JAX starts; when imported by
+# the tests, jax is already up with tests/conftest.py's 8 devices.
+if "jax" not in sys.modules:
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
-from cram_jax import compress
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from cram_jax import compress  # noqa: E402
+
+# The HLO collective parser is shared with tests/test_sharded_hlo.py.
+sys.path.insert(
+    0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
+)
+import hlo_checks  # noqa: E402
+
+SHARDS = 8
+TARGET_FLOOR = {"global": 6.0, "layerwise": 6.0, "n_of_m": 3.0}
+TARGET_BF16 = 1.3
+TARGET_COMPILE_S = 2.0
 
 
 def resnet50_kernel_shapes(
@@ -43,12 +93,96 @@ def resnet50_kernel_shapes(
   return shapes
 
 
-def make_params(seed: int = 0) -> dict[str, dict[str, jax.Array]]:
-  keys = jax.random.split(jax.random.key(seed), 64)
+def bert_base_kernel_shapes() -> dict[str, tuple[int, ...]]:
+  """Kernel shapes of the BERT-base encoder (12 layers) and pooler."""
+  hidden, ffn = 768, 3072
+  shapes = {}
+  for layer in range(12):
+    for name in ("query", "key", "value", "out"):
+      shapes[f"layer{layer}/attention/{name}"] = (hidden, hidden)
+    shapes[f"layer{layer}/intermediate"] = (hidden, ffn)
+    shapes[f"layer{layer}/output"] = (ffn, hidden)
+  shapes["pooler"] = (hidden, hidden)
+  return shapes
+
+
+TREES = {"resnet50": resnet50_kernel_shapes, "bert": bert_base_kernel_shapes}
+
+
+def make_params(
+    shapes: dict[str, tuple[int, ...]], seed: int = 0
+) -> dict[str, dict[str, jax.Array]]:
+  """Standard-normal float32 kernels ``{name: {"kernel": array}}``."""
+  keys = jax.random.split(jax.random.key(seed), len(shapes))
   return {
       name: {"kernel": jax.random.normal(k, shape, jnp.float32)}
-      for k, (name, shape) in zip(keys, resnet50_kernel_shapes().items())
+      for k, (name, shape) in zip(keys, shapes.items())
   }
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A compressor under test: ``fn(params, *extra)`` -> (compressed, masks)."""
+
+  key: str  # as --only names it
+  name: str
+  kind: str  # "global", "layerwise" or "n_of_m": picks the floor target
+  fn: Callable[..., Any]
+  extra: tuple[Any, ...] = ()
+
+
+def cases(sparsity: float = 0.9) -> list[Case]:
+  multi = compress.global_magnitude([0.5, 0.7, sparsity])
+  # The ResNet stem has 3 input channels, not a multiple of 4: left dense.
+  nm = compress.n_of_m(2, 4, on_indivisible="skip")
+  return [
+      Case(
+          "global",
+          f"global({sparsity})",
+          "global",
+          compress.global_magnitude(sparsity),
+      ),
+      Case(
+          "global_levels",
+          f"global([.5, .7, {sparsity}]), level 2",
+          "global",
+          lambda p, level: multi(p, level=level),
+          (jnp.int32(2),),
+      ),
+      Case(
+          "layerwise",
+          f"layerwise({sparsity})",
+          "layerwise",
+          compress.layerwise_magnitude(sparsity),
+      ),
+      Case("n_of_m", "n_of_m(2, 4)", "n_of_m", nm),
+  ]
+
+
+def floor_fn(pruned: Any) -> Callable[..., Any]:
+  """One read per pruned leaf: ``|w| >= t`` and ``where``, for a known t.
+
+  ``pruned``: the compressor's mask tree (None where a leaf is not pruned), so
+  the floor produces exactly the compressor's outputs.
+  """
+
+  def fn(params, threshold):
+    def leaf(mask, x):
+      if mask is None:
+        return x, None
+      keep = jnp.abs(x) >= threshold.astype(x.dtype)
+      return jnp.where(keep, x, jnp.zeros((), x.dtype)), keep
+
+    pairs = jax.tree.map(
+        leaf, pruned, params, is_leaf=lambda m: m is None or hasattr(m, "shape")
+    )
+    is_pair = lambda t: isinstance(t, tuple)  # noqa: E731
+    return (
+        jax.tree.map(lambda t: t[0], pairs, is_leaf=is_pair),
+        jax.tree.map(lambda t: t[1], pairs, is_leaf=is_pair),
+    )
+
+  return fn
 
 
 def sort_threshold_masks(params, sparsity):
@@ -70,6 +204,9 @@ def top_k_masks(params, sparsity):
 def double_argsort_nm(params, n=2, m=4):
   out = []
   for x in jax.tree.leaves(params):
+    if x.shape[-2] % m:
+      out.append(None)
+      continue
     moved = jnp.moveaxis(jnp.abs(x), -2, -1)
     blocks = moved.reshape(moved.shape[:-1] + (-1, m))
     rank = jnp.argsort(
@@ -79,8 +216,15 @@ def double_argsort_nm(params, n=2, m=4):
   return out
 
 
-def median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
+def compiled(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, float]:
+  """``(compiled fn, seconds to lower and compile it)``; a fresh cache entry."""
+  start = time.perf_counter()
+  out = jax.jit(fn).lower(*args).compile()
+  return out, time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int):
+  jax.block_until_ready(fn(*args))  # warm-up
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -89,74 +233,303 @@ def median_seconds(fn, args, repeats):
   return statistics.median(times)
 
 
-def main():
+def shard_on_outputs(params: Any, mesh: Mesh) -> Any:
+  """Each kernel split over the mesh on its last axis (replicated if indivisible)."""
+
+  def put(x):
+    spec = [None] * x.ndim
+    if x.shape[-1] % mesh.size == 0:
+      spec[-1] = mesh.axis_names[0]
+    return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
+  return jax.tree.map(put, params)
+
+
+@dataclasses.dataclass
+class Row:
+  """One line of the table; None where a column does not apply."""
+
+  tree: str
+  name: str
+  kind: str | None
+  seconds: float
+  floor_seconds: float
+  compile_seconds: float | None = None
+  bf16_ratio: float | None = None
+  sharded_ratio: float | None = None
+  sharded_collectives: int | None = None
+  versus: str | None = None  # for a reference: the name of our row
+
+  @property
+  def floor_ratio(self) -> float:
+    return self.seconds / self.floor_seconds
+
+
+def _same_masks(got: Sequence[Any], want: Sequence[Any], what: str) -> None:
+  for g, w in zip(got, want, strict=True):
+    if (g is None) != (w is None) or (
+        g is not None and not np.array_equal(np.asarray(g), np.asarray(w))
+    ):
+      raise AssertionError(f"{what}: masks differ from ours")
+
+
+def measure_tree(
+    tree: str,
+    params: Any,
+    repeats: int,
+    *,
+    mesh: Mesh | None,
+    references: bool,
+    sparsity: float = 0.9,
+    only: Sequence[str] | None = None,
+) -> list[Row]:
+  """Every row of one tree (see the module doc)."""
+  rows = []
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  sharded = None if mesh is None else shard_on_outputs(params, mesh)
+  threshold = jnp.float32(1.0)
+  floors = {}
+  measured = {}
+  for case in cases(sparsity):
+    if only is not None and case.key not in only:
+      continue
+    args = (params, *case.extra)
+    fn, compile_s = compiled(case.fn, args)
+    seconds = median_seconds(fn, args, repeats)
+    _, masks = jax.eval_shape(case.fn, *args)
+    # The floor reads the leaves this compressor prunes (N:M skips the stem).
+    structure = tuple(
+        m is None for m in jax.tree.leaves(masks, is_leaf=lambda m: m is None)
+    )
+    if structure not in floors:
+      floor, _ = compiled(floor_fn(masks), (params, threshold))
+      floors[structure] = median_seconds(floor, (params, threshold), repeats)
+    row = Row(tree, case.name, case.kind, seconds, floors[structure], compile_s)
+    bf16_fn, _ = compiled(case.fn, (bf16, *case.extra))
+    row.bf16_ratio = median_seconds(bf16_fn, (bf16, *case.extra), repeats) / (
+        seconds
+    )
+    if sharded is not None:
+      sharded_args = (sharded, *case.extra)
+      sharded_fn, _ = compiled(case.fn, sharded_args)
+      row.sharded_collectives = len(hlo_checks.parameter_sized(sharded_fn))
+      row.sharded_ratio = (
+          median_seconds(sharded_fn, sharded_args, repeats) / seconds
+      )
+    rows.append(row)
+    measured[case.key] = row, fn
+  if references and {"global", "n_of_m"} <= measured.keys():
+    rows += reference_rows(
+        tree, params, repeats, measured["global"], measured["n_of_m"], sparsity
+    )
+  return rows
+
+
+def reference_rows(
+    tree: str,
+    params: Any,
+    repeats: int,
+    ours_global: tuple[Row, Any],
+    ours_nm: tuple[Row, Any],
+    sparsity: float,
+) -> list[Row]:
+  """The sort / top_k / double-argsort masks, checked equal to ours first.
+
+  ``ours_global``, ``ours_nm``: (row, compiled compressor) of ours.
+  """
+  (ours_global, global_fn), (ours_nm, nm_fn) = ours_global, ours_nm
+  global_floor, nm_floor = ours_global.floor_seconds, ours_nm.floor_seconds
+  global_masks = jax.tree.leaves(global_fn(params)[1])
+  nm_masks = jax.tree.leaves(nm_fn(params)[1], is_leaf=lambda m: m is None)
+  by_sort = jax.jit(lambda p: sort_threshold_masks(p, sparsity))
+  by_top_k = jax.jit(lambda p: top_k_masks(p, sparsity))
+  by_argsort = jax.jit(double_argsort_nm)
+  # Same masks before timing anything: a fast wrong answer is no answer.
+  _same_masks(by_sort(params), global_masks, "jnp.sort threshold")
+  _same_masks(by_top_k(params), global_masks, "lax.top_k threshold")
+  _same_masks(by_argsort(params), nm_masks, "double argsort 2:4")
+  return [
+      Row(
+          tree,
+          "global magnitude, jnp.sort threshold (reference)",
+          None,
+          median_seconds(by_sort, (params,), repeats),
+          global_floor,
+          versus=ours_global.name,
+      ),
+      Row(
+          tree,
+          "global magnitude, lax.top_k threshold (reference)",
+          None,
+          median_seconds(by_top_k, (params,), repeats),
+          global_floor,
+          versus=ours_global.name,
+      ),
+      Row(
+          tree,
+          "2:4, double argsort (reference)",
+          None,
+          median_seconds(by_argsort, (params,), repeats),
+          nm_floor,
+          versus=ours_nm.name,
+      ),
+  ]
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+  return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown(rows: Sequence[Row]) -> str:
+  """The results as one Markdown table."""
+  lines = [
+      "| tree | compressor | median (ms) | one-read floor (ms) | vs floor "
+      "| compile (s) | bf16 / f32 | sharded / unsharded "
+      "| parameter-sized collectives (sharded) |",
+      "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for r in rows:
+    lines.append(
+        f"| {r.tree} | {r.name} | {1e3 * r.seconds:.1f} "
+        f"| {1e3 * r.floor_seconds:.1f} | {r.floor_ratio:.1f}x "
+        f"| {_fmt(r.compile_seconds, '.2f')} | {_fmt(r.bf16_ratio, '.2f', 'x')} "
+        f"| {_fmt(r.sharded_ratio, '.2f', 'x')} "
+        f"| {_fmt(r.sharded_collectives, 'd')} |"
+    )
+  return "\n".join(lines)
+
+
+def targets(rows: Sequence[Row]) -> list[tuple[bool, str]]:
+  """``(met, description)`` for every target of every measured compressor."""
+  checks = []
+  for r in rows:
+    if r.kind is None:
+      continue
+    where = f"{r.tree}, {r.name}"
+    limit = TARGET_FLOOR[r.kind]
+    checks.append(
+        (
+            r.floor_ratio <= limit,
+            f"{where}: {r.floor_ratio:.1f}x the one-read floor (<= {limit:g}x)",
+        )
+    )
+    checks.append(
+        (
+            r.bf16_ratio <= TARGET_BF16,
+            f"{where}: bf16 takes {r.bf16_ratio:.2f}x float32 "
+            f"(<= {TARGET_BF16:g}x)",
+        )
+    )
+    checks.append(
+        (
+            r.compile_seconds <= TARGET_COMPILE_S,
+            f"{where}: compiles in {r.compile_seconds:.2f} s "
+            f"(<= {TARGET_COMPILE_S:g} s)",
+        )
+    )
+    if r.sharded_collectives is not None:
+      checks.append(
+          (
+              r.sharded_collectives == 0,
+              f"{where}: {r.sharded_collectives} parameter-sized collectives "
+              f"sharded {SHARDS} ways (0)",
+          )
+      )
+  by_name = {(r.tree, r.name): r for r in rows}
+  for r in rows:
+    if r.versus is not None:  # a reference: ours should be >= 10x faster
+      ours = by_name[r.tree, r.versus]
+      speedup = r.seconds / ours.seconds
+      checks.append(
+          (
+              speedup >= 10,
+              f"{r.tree}, {ours.name}: {speedup:.1f}x faster than the "
+              f"{r.name} (>= 10x)",
+          )
+      )
+  return checks
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--sparsity", type=float, default=0.9)
-  args = parser.parse_args()
+  parser.add_argument(
+      "--trees", nargs="+", choices=sorted(TREES), default=["resnet50", "bert"]
+  )
+  parser.add_argument(
+      "--quick", action="store_true", help="2 repeats, ResNet-50 only"
+  )
+  parser.add_argument(
+      "--only",
+      nargs="+",
+      choices=[c.key for c in cases()],
+      help="measure only these compressors (the references need global and "
+      "n_of_m)",
+  )
+  parser.add_argument(
+      "--no-sharded", action="store_true", help="skip the sharded column"
+  )
+  args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1, got {args.repeats}")
+  if not 0.0 <= args.sparsity < 1.0:
+    parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+  if args.quick:
+    args.repeats, args.trees = min(args.repeats, 2), ["resnet50"]
+  return args
 
-  params = make_params()
-  leaves = jax.tree.leaves(params)
-  total = sum(x.size for x in leaves)
+
+def run(
+    args: argparse.Namespace, trees: dict[str, Any] | None = None
+) -> tuple[list[Row], list[tuple[bool, str]]]:
+  """Measures ``trees`` (default: the ones ``args.trees`` names) and prints."""
+  if trees is None:
+    trees = {name: make_params(TREES[name]()) for name in args.trees}
+  mesh = None
+  if not args.no_sharded:
+    if jax.device_count() < SHARDS:
+      raise RuntimeError(
+          f"masks.py: the sharded column needs {SHARDS} devices, JAX has "
+          f"{jax.device_count()} (XLA_FLAGS was set after JAX started?); "
+          "pass --no-sharded"
+      )
+    mesh = Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
   print(
-      f"params: {len(leaves)} kernels, {total:,} weights; backend {jax.default_backend()}, "
-      f"{jax.device_count()} device(s); median of {args.repeats}"
+      f"backend {jax.default_backend()}, {jax.device_count()} device(s) "
+      f"({SHARDS} simulated CPU devices for the sharded column: the unsharded "
+      "timings run in the same process and are a little affected by it); "
+      f"median of {args.repeats}"
   )
+  rows = []
+  for name, params in trees.items():
+    leaves = jax.tree.leaves(params)
+    print(
+        f"{name}: {len(leaves)} kernels, "
+        f"{sum(math.prod(x.shape) for x in leaves):,} weights"
+    )
+    rows += measure_tree(
+        name,
+        params,
+        args.repeats,
+        mesh=mesh,
+        references=name == "resnet50" or name not in TREES,
+        sparsity=args.sparsity,
+        only=args.only,
+    )
+  print()
+  print(markdown(rows))
+  checks = targets(rows)
+  print()
+  for met, text in checks:
+    print(f"{'PASS' if met else 'FAIL'} {text}")
+  return rows, checks
 
-  s = args.sparsity
-  ours = jax.jit(lambda p: jax.tree.leaves(compress.global_magnitude(s)(p)[1]))
-  by_sort = jax.jit(lambda p: sort_threshold_masks(p, s))
-  by_top_k = jax.jit(lambda p: top_k_masks(p, s))
-  # The stem has 3 input channels: not a multiple of 4, left dense in both.
-  nm_params = {k: v for k, v in params.items() if k != "conv_init"}
-  nm_ours = jax.jit(lambda p: jax.tree.leaves(compress.n_of_m(2, 4)(p)[1]))
-  nm_argsort = jax.jit(double_argsort_nm)
 
-  # Same masks before timing anything: a fast wrong answer is no answer.
-  a, b = ours(params), by_sort(params)
-  assert sum(int(m.sum()) for m in a) == round((1 - s) * total)
-  assert all(
-      bool(jnp.array_equal(x, y)) for x, y in zip(a, b)
-  ), "global masks differ"
-  assert all(
-      bool(jnp.array_equal(x, y))
-      for x, y in zip(nm_ours(nm_params), nm_argsort(nm_params))
-  )
-
-  rows = [
-      (
-          "global magnitude, bit bisection (ours)",
-          median_seconds(ours, (params,), args.repeats),
-      ),
-      (
-          "global magnitude, jnp.sort threshold",
-          median_seconds(by_sort, (params,), args.repeats),
-      ),
-      (
-          "global magnitude, lax.top_k threshold",
-          median_seconds(by_top_k, (params,), args.repeats),
-      ),
-      (
-          "2:4, all-pairs rank (ours)",
-          median_seconds(nm_ours, (nm_params,), args.repeats),
-      ),
-      (
-          "2:4, double argsort",
-          median_seconds(nm_argsort, (nm_params,), args.repeats),
-      ),
-  ]
-  print("\n| mask | median (s) | vs ours |\n|---|---:|---:|")
-  for name, t in rows:
-    ref = rows[0][1] if name.startswith("global") else rows[3][1]
-    print(f"| {name} | {t:.4f} | {t / ref:.1f}x |")
-  sort_ratio, top_k_ratio = rows[1][1] / rows[0][1], rows[2][1] / rows[0][1]
-  nm_ratio = rows[4][1] / rows[3][1]
-  print(
-      f"\ntargets: global >= 10x faster than sort: {sort_ratio:.1f}x "
-      f"({'met' if sort_ratio >= 10 else 'MISSED'}); than top_k: {top_k_ratio:.1f}x; "
-      f"2:4 >= 10x faster than double argsort: {nm_ratio:.1f}x "
-      f"({'met' if nm_ratio >= 10 else 'MISSED'})"
-  )
+def main(argv: Sequence[str] | None = None) -> None:
+  # Progress lines show up at once when the output goes to a file or a pipe.
+  sys.stdout.reconfigure(line_buffering=True)
+  run(parse_args(argv))
 
 
 if __name__ == "__main__":
