@@ -24,6 +24,7 @@ from cram_jax.compress import (
     random_choice,
 )
 from cram_jax.cram import CrAMState, cram
+from cram_jax.obs import fisher_gradients, obs_prune
 from cram_jax.prune import (
     LeafSparsity,
     SparsityReport,
@@ -45,12 +46,14 @@ __all__ = [
     "check_masks",
     "cram",
     "fake_quantize",
+    "fisher_gradients",
     "global_magnitude",
     "keep_pruned",
     "layerwise_magnitude",
     "n_of_m",
     "nm_mask",
     "nnx",
+    "obs_prune",
     "prune",
     "quantize",
     "random_choice",
