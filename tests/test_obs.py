@@ -76,7 +76,9 @@ def test_single_removal_is_the_best_and_the_closed_form():
   best = int(np.argmin(losses))
   assert sorted(losses)[1] - losses[best] > 1e-3  # a clear winner
 
-  pruned, masks = obs.obs_prune(params, grads, 1 / d, block_size=d, damp=0.0)
+  pruned, masks = obs.obs_prune(
+      params, grads, 1 / d, block_size=d, damp=0.0, method="cholesky"
+  )
   mask = np.asarray(masks["w"])[:, 0]
   assert np.flatnonzero(~mask).tolist() == [best]
   h_inv = np.linalg.inv(x.T @ x / x.shape[0])
@@ -93,7 +95,13 @@ def test_joint_update_is_the_exact_refit(steps):
   # re-fit of the 5 survivors, whatever mask was chosen.
   x, y, _, params, grads = _ls_setup()
   pruned, masks = obs.obs_prune(
-      params, grads, 3 / 8, block_size=8, damp=0.0, steps=steps
+      params,
+      grads,
+      3 / 8,
+      block_size=8,
+      damp=0.0,
+      method="cholesky",
+      steps=steps,
   )
   keep = np.asarray(masks["w"])[:, 0]
   assert keep.sum() == 5
@@ -107,7 +115,7 @@ def test_gradual_steps_pick_the_best_greedy_removals():
   # costs least given the earlier removals: a greedy brute force oracle.
   x, y, _, params, grads = _ls_setup(seed=1)
   _, masks = obs.obs_prune(
-      params, grads, 3 / 8, block_size=8, damp=0.0, steps=3
+      params, grads, 3 / 8, block_size=8, damp=0.0, method="cholesky", steps=3
   )
   keep = np.ones(8, bool)
   for _ in range(3):
@@ -127,7 +135,13 @@ def test_partial_last_block_is_decoupled():
   # with the 2x2 Fisher block on its own.
   x, _, w_star, params, grads = _ls_setup()
   pruned, masks = obs.obs_prune(
-      params, grads, 0.5, block_size=3, damp=0.0, pattern="layerwise"
+      params,
+      grads,
+      0.5,
+      block_size=3,
+      damp=0.0,
+      method="cholesky",
+      pattern="layerwise",
   )
   mask = np.asarray(masks["w"])[:, 0]
   assert mask.sum() == 4
@@ -371,7 +385,9 @@ def test_bad_grads_raise():
   with pytest.raises(ValueError, match="every gradient is zero"):
     obs.obs_prune(params, zero, 0.5)
   with pytest.raises(ValueError, match="not positive definite.*damp=0"):
-    obs.obs_prune(params, grads, 0.5, damp=0, block_size=32)  # m=12 < 32
+    obs.obs_prune(
+        params, grads, 0.5, damp=0, block_size=32, method="cholesky"
+    )  # m=12 < 32
 
 
 def test_nm_indivisible_leaf_is_named():
