@@ -257,8 +257,9 @@ def _eliminate(
   Gaussian elimination of ``[F^-1]_QQ``: the final w is the joint update
   ``w - F^-1 E_Q (E_Q^T F^-1 E_Q)^-1 E_Q^T w`` and the final inverse is
   ``F^-1 - F^-1_{:Q} (F^-1_QQ)^-1 F^-1_{Q:}``, in any order of Q. A scan of B
-  batched rank-1 updates: on CPU about 30x faster than a batched Cholesky
-  solve of the masked system (benchmarks/obs_pruning.py).
+  batched rank-1 updates with one static shape whatever |Q| is; it replaced
+  a batched Cholesky solve, the slow kind of kernel on CPU (see the inverse
+  timings of benchmarks/obs_pruning.py).
   """
 
   def body(carry, j):
@@ -280,8 +281,8 @@ def _eliminate(
 def _small_spd_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
   """``a^-1 rhs`` for a batch of small SPD ``(r, r)`` matrices, ``rhs (..., r)``.
 
-  Unrolled elementwise Cholesky: for r <= 8 far faster on CPU than a batched
-  LAPACK call per tiny matrix.
+  Unrolled elementwise Cholesky over the batch, instead of one LAPACK call
+  per tiny matrix.
   """
   r = a.shape[-1]
   low = [[None] * r for _ in range(r)]
