@@ -37,6 +37,7 @@ from cram_jax.gmp import (
     gmp_schedule,
     gmp_update_steps,
 )
+from cram_jax.obs import fisher_gradients, obs_prune
 from cram_jax.prune import (
     LeafSparsity,
     SparsityReport,
@@ -68,6 +69,7 @@ __all__ = [
     "check_masks",
     "cram",
     "fake_quantize",
+    "fisher_gradients",
     "global_magnitude",
     "gptq_quantize",
     "keep_pruned",
@@ -76,6 +78,7 @@ __all__ = [
     "n_of_m",
     "nm_mask",
     "nnx",
+    "obs_prune",
     "prune",
     "quantize",
     "random_choice",
