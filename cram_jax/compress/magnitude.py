@@ -86,18 +86,27 @@ def shard_counts(x: Any) -> tuple[int, ...]:
   return tuple(counts)
 
 
-def _count(predicate: jax.Array) -> jax.Array:
-  """Number of True entries (int32), without mixing the leaf's axes.
+def _sharding_key(x: Any) -> str | None:
+  """The explicit sharding spec of ``x`` as a string (None in auto mode)."""
+  try:
+    return str(jax.typeof(x).sharding.spec)
+  except (AttributeError, TypeError, ValueError):
+    return None
 
-  One axis is split into runs of up to ``_CHUNK`` neighbouring rows, summed in
-  uint8 (vectorised about 8x better on CPU than an int32 sum), then all is
-  summed in int32. No reshape crosses axes: an axis sharded into blocks of a
-  multiple of the run length stays local, so the count is one local sum plus
-  an all-reduce of a scalar. Under an explicit sharding the run divides the
-  block; under auto sharding a misaligned block costs XLA a small exchange.
+
+def _count_rows(predicate: jax.Array) -> jax.Array:
+  """Per index of axis 0, the number of True entries: int32 of shape (G,).
+
+  One other axis is split into runs of up to ``_CHUNK`` neighbouring rows,
+  summed in uint8 (vectorised about 8x better on CPU than an int32 sum), then
+  the rest is summed in int32. No reshape crosses axes: an axis sharded into
+  blocks of a multiple of the run length stays local, so the count is one
+  local sum plus an all-reduce of G scalars. Under an explicit sharding the run
+  divides the block; under auto sharding a misaligned block costs XLA a small
+  exchange.
   """
   shape = predicate.shape
-  if not shape:
+  if len(shape) == 1:
     return predicate.astype(jnp.int32)
   last = len(shape) - 1
   block = [
@@ -105,16 +114,20 @@ def _count(predicate: jax.Array) -> jax.Array:
       for n, s in zip(shape, shard_counts(predicate))
   ]
   axis = max(
-      range(len(shape)),
+      range(1, len(shape)),
       key=lambda a: (math.gcd(block[a], _CHUNK), a != last, shape[a]),
   )
   run = math.gcd(block[axis], _CHUNK)
   if run == 1:
-    return jnp.sum(predicate, dtype=jnp.int32)
+    return jnp.sum(predicate, axis=tuple(range(1, len(shape))), dtype=jnp.int32)
   runs = predicate.astype(jnp.uint8).reshape(
       shape[:axis] + (shape[axis] // run, run) + shape[axis + 1 :]
   )
-  return jnp.sum(jnp.sum(runs, axis=axis + 1, dtype=jnp.uint8), dtype=jnp.int32)
+  return jnp.sum(
+      jnp.sum(runs, axis=axis + 1, dtype=jnp.uint8),
+      axis=tuple(range(1, len(shape))),
+      dtype=jnp.int32,
+  )
 
 
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -156,8 +169,14 @@ def _radix_search(
   return lax.fori_loop(0, passes, body, jnp.zeros((num_groups,), itype))
 
 
-def _counts(predicates: Sequence[jax.Array]) -> jax.Array:
-  return jnp.stack([_count(p) for p in predicates])
+def _rows(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
+  """``values[index]`` shaped ``(len(index), 1, ..., 1)`` to broadcast on rows."""
+  picked = (
+      values[index]
+      if len(values) > 1
+      else jnp.broadcast_to(values, index.shape)
+  )
+  return picked.reshape(picked.shape + (1,) * (ndim - 1))
 
 
 def _topk_masks(
@@ -167,24 +186,53 @@ def _topk_masks(
 
   One group of all leaves (``k`` of shape ``(1,)``), or with ``per_leaf`` one
   group per leaf (``k`` of shape ``(len(leaves),)``).
+
+  Leaves of one shape (and explicit sharding) are stacked once into a
+  ``(G, *shape)`` array of keys, so every pass is one count per distinct shape,
+  not per leaf: the compiled program grows with the number of shapes (ResNet-50:
+  21, BERT: 4), which keeps compilation short.
   """
   if not leaves:
     return []
   ftype, itype = _key_types(leaves)
-  bits = [_bits(leaf, ftype, itype) for leaf in leaves]
   k = jnp.asarray(k, jnp.int32)
   num_groups = len(k)
-  group = list(range(len(leaves))) if per_leaf else [0] * len(leaves)
-  sizes = [int(np.prod(b.shape)) for b in bits]
+  sizes = np.asarray([int(np.prod(x.shape)) for x in leaves])
+  by_shape: dict[Any, list[int]] = {}
+  for i, x in enumerate(leaves):
+    by_shape.setdefault((tuple(x.shape), _sharding_key(x)), []).append(i)
+  members = [np.asarray(ix) for ix in by_shape.values()]
+  stacks = [
+      jnp.stack([_bits(leaves[i], ftype, itype) for i in ix]) for ix in members
+  ]
+  # Concatenated per-stack rows back to leaf order.
+  to_leaf_order = np.argsort(np.concatenate(members), kind="stable")
+  group_of = np.zeros(len(leaves), np.int32)
+  row_of = np.zeros(len(leaves), np.int32)
+  for g, ix in enumerate(members):
+    group_of[ix], row_of[ix] = g, np.arange(len(ix))
+
+  def leaf_counts(predicate):
+    """Per leaf, the count of ``predicate(stack, members)``: shape (L,)."""
+    rows = [_count_rows(predicate(s, ix)) for s, ix in zip(stacks, members)]
+    return jnp.concatenate(rows)[to_leaf_order]
 
   def by_group(per_leaf_counts):
     if per_leaf:
-      return jnp.stack(per_leaf_counts)
-    return sum(per_leaf_counts)[None]
+      return per_leaf_counts
+    return jnp.sum(per_leaf_counts)[None]
 
   def count_at_least(candidates):
-    return by_group(
-        [_counts([b >= c for c in candidates[g]]) for b, g in zip(bits, group)]
+    return jnp.stack(
+        [
+            by_group(
+                leaf_counts(
+                    lambda s, ix, c=c: s >= _rows(candidates[:, c], ix, s.ndim)
+                )
+            )
+            for c in range(candidates.shape[1])
+        ],
+        axis=1,
     )
 
   threshold = _radix_search(
@@ -194,90 +242,130 @@ def _topk_masks(
       count_at_least,
       lambda counts: counts >= k[:, None],
   )
-  leaf_counts = [
-      _counts([b > threshold[g], b == threshold[g]])
-      for b, g in zip(bits, group)
-  ]
-  above = by_group([c[0] for c in leaf_counts])
-  leaf_ties = jnp.stack([c[1] for c in leaf_counts])
-  ties = by_group([c[1] for c in leaf_counts])
+  leaf_above = leaf_counts(lambda s, ix: s > _rows(threshold, ix, s.ndim))
+  leaf_ties = leaf_counts(lambda s, ix: s == _rows(threshold, ix, s.ndim))
+  above, ties = by_group(leaf_above), by_group(leaf_ties)
   need = k - above  # how many entries equal to the threshold each group keeps
+  leaf_threshold = (
+      threshold if per_leaf else jnp.broadcast_to(threshold, (len(leaves),))
+  )
+  bits = [_bits(x, ftype, itype) for x in leaves]
 
   def every_tie_kept():
-    return [b >= threshold[g] for b, g in zip(bits, group)]
+    return [b >= leaf_threshold[i] for i, b in enumerate(bits)]
 
   def masks_with(cuts):
     """Ties kept where their flat index (inside the leaf) is below the cut."""
     return [
-        (b > threshold[g])
-        | ((b == threshold[g]) & (_flat_index(b.shape) < cut))
-        for b, g, cut in zip(bits, group, cuts)
+        (b > leaf_threshold[i])
+        | ((b == leaf_threshold[i]) & (_flat_index(b.shape) < cuts[i]))
+        for i, b in enumerate(bits)
     ]
 
   def lower_index_wins():
     if per_leaf:
-      cut = _tie_cut(bits, threshold, need, sizes)
-      return masks_with(jnp.where(need >= ties, np.asarray(sizes), cut))
+      cut = _tie_cut_stacked(stacks, members, threshold, need, sizes)
+      cut = cut[to_leaf_order]
+      return masks_with(jnp.where(need >= ties, sizes, cut))
     # Earlier leaves keep all their ties, later ones none: only the leaf where
-    # the cut falls is searched.
+    # the cut falls is searched, taken from its stack by a dynamic index.
     before = jnp.cumsum(leaf_ties) < need[0]
     cut_leaf = jnp.sum(before, dtype=jnp.int32)
     need_here = need[0] - jnp.sum(jnp.where(before, leaf_ties, 0))
+    row = jnp.asarray(row_of)[cut_leaf]
 
-    def search(i):
-      return lambda: _tie_cut(
-          [bits[i]], threshold, need_here[None], [sizes[i]]
-      )[0]
+    def search(g):
+      def branch():
+        leaf = lax.dynamic_index_in_dim(stacks[g], row, keepdims=False)
+        return _tie_cut_one(leaf, threshold[0], need_here)
 
-    cut = lax.switch(cut_leaf, [search(i) for i in range(len(bits))])
-    index = jnp.arange(len(bits))
+      return branch
+
+    if len(stacks) == 1:
+      cut = search(0)()
+    else:
+      cut = lax.switch(
+          jnp.asarray(group_of)[cut_leaf],
+          [search(g) for g in range(len(stacks))],
+      )
+    index = jnp.arange(len(leaves))
     return masks_with(
-        jnp.where(
-            index < cut_leaf,
-            np.asarray(sizes),
-            jnp.where(index == cut_leaf, cut, 0),
-        )
+        jnp.where(index < cut_leaf, sizes, jnp.where(index == cut_leaf, cut, 0))
     )
 
   # Random floats rarely tie at the threshold; then the index search is skipped.
   return lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
 
 
-def _tie_cut(
-    bits: Sequence[jax.Array],
-    threshold: jax.Array,
-    need: jax.Array,
-    sizes: Sequence[int],
+def _tie_cut_one(
+    leaf: jax.Array, threshold: jax.Array, need: jax.Array
 ) -> jax.Array:
-  """Per leaf, the smallest J with exactly ``need`` ties of flat index < J.
+  """The smallest J with exactly ``need`` entries == threshold of index < J.
 
   The radix search on the index instead of the value: the largest L with fewer
-  than ``need`` ties below it, plus one (0 when need is 0). Leaf i is compared
-  with ``threshold[i]`` (or ``threshold[0]`` when there is one threshold).
+  than ``need`` ties below it, plus one (0 when need is 0).
   """
+  index = _flat_index(leaf.shape)
+  tied = (leaf == threshold)[None]
 
   def count_below(candidates):
     return jnp.stack(
         [
-            _counts(
-                [
-                    (b == threshold[min(i, len(threshold) - 1)])
-                    & (_flat_index(b.shape) < c)
-                    for c in candidates[i]
-                ]
-            )
-            for i, b in enumerate(bits)
-        ]
+            _count_rows(tied & (index < candidates[0, c])[None])
+            for c in range(candidates.shape[1])
+        ],
+        axis=1,
     )
 
   largest_short = _radix_search(
-      max(max(sizes).bit_length(), 1),
+      max(int(np.prod(leaf.shape)).bit_length(), 1),
       jnp.int32,
-      len(bits),
+      1,
       count_below,
-      lambda counts: counts < need[:, None],
-  )
+      lambda counts: counts < need,
+  )[0]
   return jnp.where(need > 0, largest_short + 1, 0)
+
+
+def _tie_cut_stacked(
+    stacks: Sequence[jax.Array],
+    members: Sequence[np.ndarray],
+    threshold: jax.Array,
+    need: jax.Array,
+    sizes: np.ndarray,
+) -> jax.Array:
+  """Per leaf (in stack order), :func:`_tie_cut_one` for every leaf at once.
+
+  ``threshold`` and ``need`` are per leaf in leaf order; all leaves are searched
+  in the same passes, one count per stack.
+  """
+  tied = [s == _rows(threshold, ix, s.ndim) for s, ix in zip(stacks, members)]
+  index = [_flat_index(s.shape[1:])[None] for s in stacks]
+  order = np.concatenate(members)
+
+  def count_below(candidates):
+    cols = []
+    for c in range(candidates.shape[1]):
+      rows = [
+          _count_rows(
+              t & (i < _rows(candidates[:, c], np.arange(len(ix)) + o, t.ndim))
+          )
+          for t, i, ix, o in zip(
+              tied, index, members, np.cumsum([0] + [len(m) for m in members])
+          )
+      ]
+      cols.append(jnp.concatenate(rows))
+    return jnp.stack(cols, axis=1)
+
+  need_here = need[order]
+  largest_short = _radix_search(
+      max(int(sizes.max()).bit_length(), 1),
+      jnp.int32,
+      len(order),
+      count_below,
+      lambda counts: counts < need_here[:, None],
+  )
+  return jnp.where(need_here > 0, largest_short + 1, 0)
 
 
 def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
