@@ -94,19 +94,19 @@ def _sharding_key(x: Any) -> str | None:
     return None
 
 
-def _count_rows(predicate: jax.Array) -> jax.Array:
-  """Per index of axis 0, the number of True entries: int32 of shape (G,).
+def _count_rows(predicate: jax.Array, keep: int = 1) -> jax.Array:
+  """Number of True entries per index of the ``keep`` leading axes (int32).
 
   One other axis is split into runs of up to ``_CHUNK`` neighbouring rows,
   summed in uint8 (vectorised about 8x better on CPU than an int32 sum), then
   the rest is summed in int32. No reshape crosses axes: an axis sharded into
   blocks of a multiple of the run length stays local, so the count is one
-  local sum plus an all-reduce of G scalars. Under an explicit sharding the run
-  divides the block; under auto sharding a misaligned block costs XLA a small
-  exchange.
+  local sum plus an all-reduce of the few counts. Under an explicit sharding
+  the run divides the block; under auto sharding a misaligned block costs XLA a
+  small exchange.
   """
   shape = predicate.shape
-  if len(shape) == 1:
+  if len(shape) == keep:
     return predicate.astype(jnp.int32)
   last = len(shape) - 1
   block = [
@@ -114,18 +114,20 @@ def _count_rows(predicate: jax.Array) -> jax.Array:
       for n, s in zip(shape, shard_counts(predicate))
   ]
   axis = max(
-      range(1, len(shape)),
+      range(keep, len(shape)),
       key=lambda a: (math.gcd(block[a], _CHUNK), a != last, shape[a]),
   )
   run = math.gcd(block[axis], _CHUNK)
   if run == 1:
-    return jnp.sum(predicate, axis=tuple(range(1, len(shape))), dtype=jnp.int32)
+    return jnp.sum(
+        predicate, axis=tuple(range(keep, len(shape))), dtype=jnp.int32
+    )
   runs = predicate.astype(jnp.uint8).reshape(
       shape[:axis] + (shape[axis] // run, run) + shape[axis + 1 :]
   )
   return jnp.sum(
       jnp.sum(runs, axis=axis + 1, dtype=jnp.uint8),
-      axis=tuple(range(1, len(shape))),
+      axis=tuple(range(keep, len(shape))),
       dtype=jnp.int32,
   )
 
@@ -170,12 +172,13 @@ def _radix_search(
 
 
 def _rows(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
-  """``values[index]`` shaped ``(len(index), 1, ..., 1)`` to broadcast on rows."""
-  picked = (
-      values[index]
-      if len(values) > 1
-      else jnp.broadcast_to(values, index.shape)
-  )
+  """``values[..., index]`` shaped to broadcast on a ``(G, ...)`` stack of rank
+  ``ndim``: one value per row (``values`` of shape ``(n,)``, n = 1 broadcast),
+  or per candidate and row (``(c, n)`` -> ``(c, G, 1, ..., 1)``)."""
+  if values.shape[-1] > 1:
+    picked = values[..., index]
+  else:
+    picked = jnp.broadcast_to(values, values.shape[:-1] + index.shape)
   return picked.reshape(picked.shape + (1,) * (ndim - 1))
 
 
@@ -212,28 +215,22 @@ def _topk_masks(
   for g, ix in enumerate(members):
     group_of[ix], row_of[ix] = g, np.arange(len(ix))
 
-  def leaf_counts(predicate):
-    """Per leaf, the count of ``predicate(stack, members)``: shape (L,)."""
-    rows = [_count_rows(predicate(s, ix)) for s, ix in zip(stacks, members)]
-    return jnp.concatenate(rows)[to_leaf_order]
+  def leaf_counts(predicate, keep=1):
+    """Counts of ``predicate(stack, members)`` per leaf, in leaf order.
 
-  def by_group(per_leaf_counts):
-    if per_leaf:
-      return per_leaf_counts
-    return jnp.sum(per_leaf_counts)[None]
+    With ``keep=2`` the predicate has a leading candidate axis: ``(c, L)``.
+    """
+    rows = [
+        _count_rows(predicate(s, ix), keep) for s, ix in zip(stacks, members)
+    ]
+    return jnp.concatenate(rows, axis=-1)[..., to_leaf_order]
 
   def count_at_least(candidates):
-    return jnp.stack(
-        [
-            by_group(
-                leaf_counts(
-                    lambda s, ix, c=c: s >= _rows(candidates[:, c], ix, s.ndim)
-                )
-            )
-            for c in range(candidates.shape[1])
-        ],
-        axis=1,
+    # All candidates of a stack in one compare-and-count: (c, G, *shape).
+    counts = leaf_counts(
+        lambda s, ix: s[None] >= _rows(candidates.T, ix, s.ndim), keep=2
     )
+    return counts.T if per_leaf else jnp.sum(counts, axis=1)[None]
 
   threshold = _radix_search(
       jnp.iinfo(itype).bits - 1,  # |w| has no sign bit
@@ -244,29 +241,19 @@ def _topk_masks(
   )
   leaf_above = leaf_counts(lambda s, ix: s > _rows(threshold, ix, s.ndim))
   leaf_ties = leaf_counts(lambda s, ix: s == _rows(threshold, ix, s.ndim))
-  above, ties = by_group(leaf_above), by_group(leaf_ties)
+  if per_leaf:
+    above, ties = leaf_above, leaf_ties
+  else:
+    above, ties = jnp.sum(leaf_above)[None], jnp.sum(leaf_ties)[None]
   need = k - above  # how many entries equal to the threshold each group keeps
-  leaf_threshold = (
-      threshold if per_leaf else jnp.broadcast_to(threshold, (len(leaves),))
-  )
-  bits = [_bits(x, ftype, itype) for x in leaves]
 
   def every_tie_kept():
-    return [b >= leaf_threshold[i] for i, b in enumerate(bits)]
-
-  def masks_with(cuts):
-    """Ties kept where their flat index (inside the leaf) is below the cut."""
-    return [
-        (b > leaf_threshold[i])
-        | ((b == leaf_threshold[i]) & (_flat_index(b.shape) < cuts[i]))
-        for i, b in enumerate(bits)
-    ]
+    return jnp.asarray(sizes, jnp.int32)
 
   def lower_index_wins():
     if per_leaf:
       cut = _tie_cut_stacked(stacks, members, threshold, need, sizes)
-      cut = cut[to_leaf_order]
-      return masks_with(jnp.where(need >= ties, sizes, cut))
+      return jnp.where(need >= ties, sizes, cut[to_leaf_order])
     # Earlier leaves keep all their ties, later ones none: only the leaf where
     # the cut falls is searched, taken from its stack by a dynamic index.
     before = jnp.cumsum(leaf_ties) < need[0]
@@ -289,12 +276,22 @@ def _topk_masks(
           [search(g) for g in range(len(stacks))],
       )
     index = jnp.arange(len(leaves))
-    return masks_with(
-        jnp.where(index < cut_leaf, sizes, jnp.where(index == cut_leaf, cut, 0))
-    )
+    return jnp.where(
+        index < cut_leaf, sizes, jnp.where(index == cut_leaf, cut, 0)
+    ).astype(jnp.int32)
 
-  # Random floats rarely tie at the threshold; then the index search is skipped.
-  return lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
+  # Per leaf, ties of flat index below the cut are kept. Random floats rarely
+  # tie at the threshold; then the index search is skipped.
+  cuts = lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
+  leaf_threshold = (
+      threshold if per_leaf else jnp.broadcast_to(threshold, (len(leaves),))
+  )
+  masks = []
+  for i, x in enumerate(leaves):
+    b = _bits(x, ftype, itype)
+    t = leaf_threshold[i]
+    masks.append((b > t) | ((b == t) & (_flat_index(b.shape) < cuts[i])))
+  return masks
 
 
 def _tie_cut_one(
@@ -306,16 +303,11 @@ def _tie_cut_one(
   than ``need`` ties below it, plus one (0 when need is 0).
   """
   index = _flat_index(leaf.shape)
-  tied = (leaf == threshold)[None]
+  tied = leaf == threshold
 
   def count_below(candidates):
-    return jnp.stack(
-        [
-            _count_rows(tied & (index < candidates[0, c])[None])
-            for c in range(candidates.shape[1])
-        ],
-        axis=1,
-    )
+    below = index[None] < candidates[0].reshape((-1,) + (1,) * leaf.ndim)
+    return _count_rows(tied[None] & below)[None]
 
   largest_short = _radix_search(
       max(int(np.prod(leaf.shape)).bit_length(), 1),
@@ -341,27 +333,21 @@ def _tie_cut_stacked(
   """
   tied = [s == _rows(threshold, ix, s.ndim) for s, ix in zip(stacks, members)]
   index = [_flat_index(s.shape[1:])[None] for s in stacks]
-  order = np.concatenate(members)
+  starts = np.cumsum([0] + [len(ix) for ix in members])
+  own = [np.arange(len(ix)) + o for ix, o in zip(members, starts)]
 
   def count_below(candidates):
-    cols = []
-    for c in range(candidates.shape[1]):
-      rows = [
-          _count_rows(
-              t & (i < _rows(candidates[:, c], np.arange(len(ix)) + o, t.ndim))
-          )
-          for t, i, ix, o in zip(
-              tied, index, members, np.cumsum([0] + [len(m) for m in members])
-          )
-      ]
-      cols.append(jnp.concatenate(rows))
-    return jnp.stack(cols, axis=1)
+    rows = [
+        _count_rows(t[None] & (i[None] < _rows(candidates.T, o, t.ndim)), 2)
+        for t, i, o in zip(tied, index, own)
+    ]
+    return jnp.concatenate(rows, axis=1).T
 
-  need_here = need[order]
+  need_here = need[np.concatenate(members)]
   largest_short = _radix_search(
       max(int(sizes.max()).bit_length(), 1),
       jnp.int32,
-      len(order),
+      len(need_here),
       count_below,
       lambda counts: counts < need_here[:, None],
   )
