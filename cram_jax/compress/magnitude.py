@@ -210,10 +210,6 @@ def _topk_masks(
   ]
   # Concatenated per-stack rows back to leaf order.
   to_leaf_order = np.argsort(np.concatenate(members), kind="stable")
-  group_of = np.zeros(len(leaves), np.int32)
-  row_of = np.zeros(len(leaves), np.int32)
-  for g, ix in enumerate(members):
-    group_of[ix], row_of[ix] = g, np.arange(len(ix))
 
   def leaf_counts(predicate, keep=1):
     """Counts of ``predicate(stack, members)`` per leaf, in leaf order.
@@ -239,46 +235,34 @@ def _topk_masks(
       count_at_least,
       lambda counts: counts >= k[:, None],
   )
-  leaf_above = leaf_counts(lambda s, ix: s > _rows(threshold, ix, s.ndim))
-  leaf_ties = leaf_counts(lambda s, ix: s == _rows(threshold, ix, s.ndim))
+  above_and_tied = leaf_counts(
+      lambda s, ix: jnp.stack(
+          [s > _rows(threshold, ix, s.ndim), s == _rows(threshold, ix, s.ndim)]
+      ),
+      keep=2,
+  )
+  leaf_ties = above_and_tied[1]
   if per_leaf:
-    above, ties = leaf_above, leaf_ties
+    above, ties = above_and_tied
   else:
-    above, ties = jnp.sum(leaf_above)[None], jnp.sum(leaf_ties)[None]
+    above, ties = jnp.sum(above_and_tied, axis=1)[:, None]
   need = k - above  # how many entries equal to the threshold each group keeps
+  if per_leaf:
+    leaf_need = need
+  else:
+    # Earlier leaves keep all their ties first: the cut falls in one leaf.
+    leaf_need = jnp.clip(
+        need[0] - (jnp.cumsum(leaf_ties) - leaf_ties), 0, leaf_ties
+    )
 
   def every_tie_kept():
     return jnp.asarray(sizes, jnp.int32)
 
   def lower_index_wins():
-    if per_leaf:
-      cut = _tie_cut_stacked(stacks, members, threshold, need, sizes)
-      return jnp.where(need >= ties, sizes, cut[to_leaf_order])
-    # Earlier leaves keep all their ties, later ones none: only the leaf where
-    # the cut falls is searched, taken from its stack by a dynamic index.
-    before = jnp.cumsum(leaf_ties) < need[0]
-    cut_leaf = jnp.sum(before, dtype=jnp.int32)
-    need_here = need[0] - jnp.sum(jnp.where(before, leaf_ties, 0))
-    row = jnp.asarray(row_of)[cut_leaf]
-
-    def search(g):
-      def branch():
-        leaf = lax.dynamic_index_in_dim(stacks[g], row, keepdims=False)
-        return _tie_cut_one(leaf, threshold[0], need_here)
-
-      return branch
-
-    if len(stacks) == 1:
-      cut = search(0)()
-    else:
-      cut = lax.switch(
-          jnp.asarray(group_of)[cut_leaf],
-          [search(g) for g in range(len(stacks))],
-      )
-    index = jnp.arange(len(leaves))
-    return jnp.where(
-        index < cut_leaf, sizes, jnp.where(index == cut_leaf, cut, 0)
-    ).astype(jnp.int32)
+    # One search for every leaf in the same passes (no branch per leaf); a
+    # leaf that keeps all or none of its ties is settled in its first pass.
+    cut = _tie_cut_stacked(stacks, members, threshold, leaf_need, sizes)
+    return jnp.where(leaf_need >= leaf_ties, sizes, cut[to_leaf_order])
 
   # Per leaf, ties of flat index below the cut are kept. Random floats rarely
   # tie at the threshold; then the index search is skipped.
@@ -294,31 +278,6 @@ def _topk_masks(
   return masks
 
 
-def _tie_cut_one(
-    leaf: jax.Array, threshold: jax.Array, need: jax.Array
-) -> jax.Array:
-  """The smallest J with exactly ``need`` entries == threshold of index < J.
-
-  The radix search on the index instead of the value: the largest L with fewer
-  than ``need`` ties below it, plus one (0 when need is 0).
-  """
-  index = _flat_index(leaf.shape)
-  tied = leaf == threshold
-
-  def count_below(candidates):
-    below = index[None] < candidates[0].reshape((-1,) + (1,) * leaf.ndim)
-    return _count_rows(tied[None] & below)[None]
-
-  largest_short = _radix_search(
-      max(int(np.prod(leaf.shape)).bit_length(), 1),
-      jnp.int32,
-      1,
-      count_below,
-      lambda counts: counts < need,
-  )[0]
-  return jnp.where(need > 0, largest_short + 1, 0)
-
-
 def _tie_cut_stacked(
     stacks: Sequence[jax.Array],
     members: Sequence[np.ndarray],
@@ -326,10 +285,13 @@ def _tie_cut_stacked(
     need: jax.Array,
     sizes: np.ndarray,
 ) -> jax.Array:
-  """Per leaf (in stack order), :func:`_tie_cut_one` for every leaf at once.
+  """Per leaf (in stack order), the smallest J with ``need`` ties below J.
 
-  ``threshold`` and ``need`` are per leaf in leaf order; all leaves are searched
-  in the same passes, one count per stack.
+  A tie is an entry equal to the leaf's threshold (``threshold`` has one entry
+  per leaf, or one for all); ``need`` is per leaf, in leaf order. The radix
+  search on the flat index instead of the value: the largest L with fewer than
+  ``need`` ties of index < L, plus one (0 when need is 0). All leaves are
+  searched in the same passes, one count per stack.
   """
   tied = [s == _rows(threshold, ix, s.ndim) for s, ix in zip(stacks, members)]
   index = [_flat_index(s.shape[1:])[None] for s in stacks]
