@@ -8,17 +8,19 @@ threshold test is a strict ``>`` against the k-th value); we keep exactly k.
 Layer-wise pruning takes its per-leaf counts from a sparsity distribution
 (:mod:`cram_jax.compress.distribution`: uniform, ERK or a user map).
 
-How it stays fast: no sort, and no concatenated copy of the model. The k-th
+How it stays fast: no sort, and no concatenated copy of the model. Leaves of
+one shape are stacked once into a ``(G, *shape)`` array of keys, so each pass
+is one count per distinct shape (the compiled program stays small). The k-th
 largest magnitude is found by a radix search on its bit pattern: non-negative
-IEEE floats order exactly like their bits read as signed integers, and each pass
-over the leaves counts the entries at least each of 3 candidates (sibling
-compare-and-sums that XLA may fuse into one read), fixing 2 bits: 16 passes for
-float32, 8 for leaves that are all bfloat16 or all float16 (searched on their
-own 16 bits). Ties at the threshold are cut by a second radix search on the flat
-index, only when there are more tied entries than places left, and for global
-pruning only inside the one leaf where the cut falls.
-Counts never reshape across axes (see :func:`_count`), so sharded parameters
-need only all-reduces of scalars. docs/masks.md has the details.
+IEEE floats order exactly like their bits read as signed integers, and each
+pass counts the entries at least each of 3 candidates (one reduction per
+stack), fixing 2 bits: 16 passes for float32, 8 for leaves that are all
+bfloat16 or all float16 (searched on their own 16 bits). Ties at the threshold
+are cut by a second radix search on the flat index, only when there are more
+tied entries than places left, for every leaf in the same passes.
+Counts never reshape across axes (see :func:`_count_rows`), so sharded
+parameters need only all-reduces of small count vectors. docs/masks.md has the
+details.
 """
 
 from __future__ import annotations
