@@ -216,19 +216,23 @@ def _topk_masks(
   def leaf_counts(predicate, keep=1):
     """Counts of ``predicate(stack, members)`` per leaf, in leaf order.
 
-    With ``keep=2`` the predicate has a leading candidate axis: ``(c, L)``.
+    With ``keep=2`` the predicate has a candidate axis after the stack axis:
+    ``(L, c)``.
     """
     rows = [
         _count_rows(predicate(s, ix), keep) for s, ix in zip(stacks, members)
     ]
-    return jnp.concatenate(rows, axis=-1)[..., to_leaf_order]
+    return jnp.concatenate(rows)[to_leaf_order]
 
   def count_at_least(candidates):
-    # All candidates of a stack in one compare-and-count: (c, G, *shape).
+    # All candidates of a stack in one compare-and-count, (G, c, *shape):
+    # the candidates of one leaf are compared while it is in cache.
     counts = leaf_counts(
-        lambda s, ix: s[None] >= _rows(candidates.T, ix, s.ndim), keep=2
+        lambda s, ix: s[:, None]
+        >= jnp.swapaxes(_rows(candidates.T, ix, s.ndim), 0, 1),
+        keep=2,
     )
-    return counts.T if per_leaf else jnp.sum(counts, axis=1)[None]
+    return counts if per_leaf else jnp.sum(counts, axis=0)[None]
 
   threshold = _radix_search(
       jnp.iinfo(itype).bits - 1,  # |w| has no sign bit
@@ -239,10 +243,11 @@ def _topk_masks(
   )
   above_and_tied = leaf_counts(
       lambda s, ix: jnp.stack(
-          [s > _rows(threshold, ix, s.ndim), s == _rows(threshold, ix, s.ndim)]
+          [s > _rows(threshold, ix, s.ndim), s == _rows(threshold, ix, s.ndim)],
+          axis=1,
       ),
       keep=2,
-  )
+  ).T
   leaf_ties = above_and_tied[1]
   if per_leaf:
     above, ties = above_and_tied
@@ -302,10 +307,14 @@ def _tie_cut_stacked(
 
   def count_below(candidates):
     rows = [
-        _count_rows(t[None] & (i[None] < _rows(candidates.T, o, t.ndim)), 2)
+        _count_rows(
+            t[:, None]
+            & (i[:, None] < jnp.swapaxes(_rows(candidates.T, o, t.ndim), 0, 1)),
+            2,
+        )
         for t, i, o in zip(tied, index, own)
     ]
-    return jnp.concatenate(rows, axis=1).T
+    return jnp.concatenate(rows)
 
   need_here = need[np.concatenate(members)]
   largest_short = _radix_search(
