@@ -1197,6 +1197,34 @@ def test_ties_cut_in_the_first_middle_or_last_leaf(dtype, keep):
   assert got.sum() == keep
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_interleaved_shapes_stacked_in_another_order_match_oracle(seed):
+  # Leaves of two shapes alternate in tree order, so the per-shape stacks the
+  # search counts over hold them in another order than the flat index; few
+  # distinct values make ties at every level.
+  rng = np.random.default_rng(seed)
+  shapes = [(4, 6), (3, 2, 4), (4, 6), (3, 2, 4), (4, 6), (2, 5)]
+  leaves = [rng.integers(-2, 3, size=sh).astype(np.float32) for sh in shapes]
+  tree = {f"l{i}": jnp.asarray(x) for i, x in enumerate(leaves)}
+  levels = (0.0, 0.2, 0.45, 0.6, 0.85, 1.0)
+  by_global = jax.jit(compress.global_magnitude(levels))
+  by_layer = jax.jit(compress.layerwise_magnitude(levels))
+  flat = np.concatenate([np.abs(x).ravel() for x in leaves])
+  for level, s in enumerate(levels):
+    masks = by_global(tree, level=level)[1]
+    got = np.concatenate([np.asarray(masks[f"l{i}"]).ravel() for i in range(6)])
+    np.testing.assert_array_equal(
+        got, topk_oracle(flat, round((1 - s) * flat.size)), err_msg=f"{s=}"
+    )
+    masks = by_layer(tree, level=level)[1]
+    for i, x in enumerate(leaves):
+      np.testing.assert_array_equal(
+          np.asarray(masks[f"l{i}"]).ravel(),
+          topk_oracle(np.abs(x).ravel(), round((1 - s) * x.size)),
+          err_msg=f"l{i} {s=}",
+      )
+
+
 def _sharded_cases():
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P

@@ -8,17 +8,19 @@ threshold test is a strict ``>`` against the k-th value); we keep exactly k.
 Layer-wise pruning takes its per-leaf counts from a sparsity distribution
 (:mod:`cram_jax.compress.distribution`: uniform, ERK or a user map).
 
-How it stays fast: no sort, and no concatenated copy of the model. The k-th
+How it stays fast: no sort, and no concatenated copy of the model. Leaves of
+one shape are stacked once into a ``(G, *shape)`` array of keys, so each pass
+is one count per distinct shape (the compiled program stays small). The k-th
 largest magnitude is found by a radix search on its bit pattern: non-negative
-IEEE floats order exactly like their bits read as signed integers, and each pass
-over the leaves counts the entries at least each of 3 candidates (sibling
-compare-and-sums that XLA may fuse into one read), fixing 2 bits: 16 passes for
-float32, 8 for leaves that are all bfloat16 or all float16 (searched on their
-own 16 bits). Ties at the threshold are cut by a second radix search on the flat
-index, only when there are more tied entries than places left, and for global
-pruning only inside the one leaf where the cut falls.
-Counts never reshape across axes (see :func:`_count`), so sharded parameters
-need only all-reduces of scalars. docs/masks.md has the details.
+IEEE floats order exactly like their bits read as signed integers, and each
+pass counts the entries at least each of 3 candidates (one reduction per
+stack), fixing 2 bits: 16 passes for float32, 8 for leaves that are all
+bfloat16 or all float16 (searched on their own 16 bits). Ties at the threshold
+are cut by a second radix search on the flat index, only when there are more
+tied entries than places left, for every leaf in the same passes.
+Counts never reshape across axes (see :func:`_count_rows`), so sharded
+parameters need only all-reduces of small count vectors. docs/masks.md has the
+details.
 """
 
 from __future__ import annotations
@@ -86,18 +88,29 @@ def shard_counts(x: Any) -> tuple[int, ...]:
   return tuple(counts)
 
 
-def _count(predicate: jax.Array) -> jax.Array:
-  """Number of True entries (int32), without mixing the leaf's axes.
+def _sharding_key(x: Any) -> str | None:
+  """The explicit sharding spec of ``x`` as a string (None in auto mode)."""
+  try:
+    return str(jax.typeof(x).sharding.spec)
+  except (AttributeError, TypeError, ValueError):
+    return None
 
-  One axis is split into runs of up to ``_CHUNK`` neighbouring rows, summed in
-  uint8 (vectorised about 8x better on CPU than an int32 sum), then all is
-  summed in int32. No reshape crosses axes: an axis sharded into blocks of a
-  multiple of the run length stays local, so the count is one local sum plus
-  an all-reduce of a scalar. Under an explicit sharding the run divides the
-  block; under auto sharding a misaligned block costs XLA a small exchange.
+
+def _count_rows(predicate: jax.Array, keep: int = 1) -> jax.Array:
+  """Number of True entries per index of the ``keep`` leading axes (int32).
+
+  One other axis is split into runs of up to ``_CHUNK`` neighbouring rows,
+  summed in uint8 (vectorised about 8x better on CPU than an int32 sum), then
+  the rest is summed in int32. No reshape crosses axes: an axis sharded into
+  blocks of a multiple of the run length stays local, so the count is one
+  local sum plus an all-reduce of the few counts. Under an explicit sharding
+  the run divides the block; under auto sharding the last axis is preferred
+  (with leaves stacked, a sharded leading axis whose block is not a multiple of
+  the run made XLA all-reduce the uint8 partial sums: tests/test_sharded_hlo.py,
+  ``fsdp_first``).
   """
   shape = predicate.shape
-  if not shape:
+  if len(shape) == keep:
     return predicate.astype(jnp.int32)
   last = len(shape) - 1
   block = [
@@ -105,16 +118,22 @@ def _count(predicate: jax.Array) -> jax.Array:
       for n, s in zip(shape, shard_counts(predicate))
   ]
   axis = max(
-      range(len(shape)),
-      key=lambda a: (math.gcd(block[a], _CHUNK), a != last, shape[a]),
+      range(keep, len(shape)),
+      key=lambda a: (math.gcd(block[a], _CHUNK), a == last, shape[a]),
   )
   run = math.gcd(block[axis], _CHUNK)
   if run == 1:
-    return jnp.sum(predicate, dtype=jnp.int32)
+    return jnp.sum(
+        predicate, axis=tuple(range(keep, len(shape))), dtype=jnp.int32
+    )
   runs = predicate.astype(jnp.uint8).reshape(
       shape[:axis] + (shape[axis] // run, run) + shape[axis + 1 :]
   )
-  return jnp.sum(jnp.sum(runs, axis=axis + 1, dtype=jnp.uint8), dtype=jnp.int32)
+  return jnp.sum(
+      jnp.sum(runs, axis=axis + 1, dtype=jnp.uint8),
+      axis=tuple(range(keep, len(shape))),
+      dtype=jnp.int32,
+  )
 
 
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -156,8 +175,15 @@ def _radix_search(
   return lax.fori_loop(0, passes, body, jnp.zeros((num_groups,), itype))
 
 
-def _counts(predicates: Sequence[jax.Array]) -> jax.Array:
-  return jnp.stack([_count(p) for p in predicates])
+def _rows(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
+  """``values[..., index]`` shaped to broadcast on a ``(G, ...)`` stack of rank
+  ``ndim``: one value per row (``values`` of shape ``(n,)``, n = 1 broadcast),
+  or per candidate and row (``(c, n)`` -> ``(c, G, 1, ..., 1)``)."""
+  if values.shape[-1] > 1:
+    picked = values[..., index]
+  else:
+    picked = jnp.broadcast_to(values, values.shape[:-1] + index.shape)
+  return picked.reshape(picked.shape + (1,) * (ndim - 1))
 
 
 def _topk_masks(
@@ -167,25 +193,48 @@ def _topk_masks(
 
   One group of all leaves (``k`` of shape ``(1,)``), or with ``per_leaf`` one
   group per leaf (``k`` of shape ``(len(leaves),)``).
+
+  Leaves of one shape (and explicit sharding) are stacked once into a
+  ``(G, *shape)`` array of keys, so every pass is one count per distinct shape,
+  not per leaf: the compiled program grows with the number of shapes (ResNet-50:
+  21, BERT: 4), which keeps compilation short.
   """
   if not leaves:
     return []
   ftype, itype = _key_types(leaves)
-  bits = [_bits(leaf, ftype, itype) for leaf in leaves]
   k = jnp.asarray(k, jnp.int32)
   num_groups = len(k)
-  group = list(range(len(leaves))) if per_leaf else [0] * len(leaves)
-  sizes = [int(np.prod(b.shape)) for b in bits]
+  sizes = np.asarray([int(np.prod(x.shape)) for x in leaves])
+  by_shape: dict[Any, list[int]] = {}
+  for i, x in enumerate(leaves):
+    by_shape.setdefault((tuple(x.shape), _sharding_key(x)), []).append(i)
+  members = [np.asarray(ix) for ix in by_shape.values()]
+  stacks = [
+      jnp.stack([_bits(leaves[i], ftype, itype) for i in ix]) for ix in members
+  ]
+  # Concatenated per-stack rows back to leaf order.
+  to_leaf_order = np.argsort(np.concatenate(members), kind="stable")
 
-  def by_group(per_leaf_counts):
-    if per_leaf:
-      return jnp.stack(per_leaf_counts)
-    return sum(per_leaf_counts)[None]
+  def leaf_counts(predicate, keep=1):
+    """Counts of ``predicate(stack, members)`` per leaf, in leaf order.
+
+    With ``keep=2`` the predicate has a candidate axis after the stack axis:
+    ``(L, c)``.
+    """
+    rows = [
+        _count_rows(predicate(s, ix), keep) for s, ix in zip(stacks, members)
+    ]
+    return jnp.concatenate(rows)[to_leaf_order]
 
   def count_at_least(candidates):
-    return by_group(
-        [_counts([b >= c for c in candidates[g]]) for b, g in zip(bits, group)]
+    # All candidates of a stack in one compare-and-count, (G, c, *shape):
+    # the candidates of one leaf are compared while it is in cache.
+    counts = leaf_counts(
+        lambda s, ix: s[:, None]
+        >= jnp.swapaxes(_rows(candidates.T, ix, s.ndim), 0, 1),
+        keep=2,
     )
+    return counts if per_leaf else jnp.sum(counts, axis=0)[None]
 
   threshold = _radix_search(
       jnp.iinfo(itype).bits - 1,  # |w| has no sign bit
@@ -194,90 +243,90 @@ def _topk_masks(
       count_at_least,
       lambda counts: counts >= k[:, None],
   )
-  leaf_counts = [
-      _counts([b > threshold[g], b == threshold[g]])
-      for b, g in zip(bits, group)
-  ]
-  above = by_group([c[0] for c in leaf_counts])
-  leaf_ties = jnp.stack([c[1] for c in leaf_counts])
-  ties = by_group([c[1] for c in leaf_counts])
+  above_and_tied = leaf_counts(
+      lambda s, ix: jnp.stack(
+          [s > _rows(threshold, ix, s.ndim), s == _rows(threshold, ix, s.ndim)],
+          axis=1,
+      ),
+      keep=2,
+  ).T
+  leaf_ties = above_and_tied[1]
+  if per_leaf:
+    above, ties = above_and_tied
+  else:
+    above, ties = jnp.sum(above_and_tied, axis=1)[:, None]
   need = k - above  # how many entries equal to the threshold each group keeps
+  if per_leaf:
+    leaf_need = need
+  else:
+    # Earlier leaves keep all their ties first: the cut falls in one leaf.
+    leaf_need = jnp.clip(
+        need[0] - (jnp.cumsum(leaf_ties) - leaf_ties), 0, leaf_ties
+    )
 
   def every_tie_kept():
-    return [b >= threshold[g] for b, g in zip(bits, group)]
-
-  def masks_with(cuts):
-    """Ties kept where their flat index (inside the leaf) is below the cut."""
-    return [
-        (b > threshold[g])
-        | ((b == threshold[g]) & (_flat_index(b.shape) < cut))
-        for b, g, cut in zip(bits, group, cuts)
-    ]
+    return jnp.asarray(sizes, jnp.int32)
 
   def lower_index_wins():
-    if per_leaf:
-      cut = _tie_cut(bits, threshold, need, sizes)
-      return masks_with(jnp.where(need >= ties, np.asarray(sizes), cut))
-    # Earlier leaves keep all their ties, later ones none: only the leaf where
-    # the cut falls is searched.
-    before = jnp.cumsum(leaf_ties) < need[0]
-    cut_leaf = jnp.sum(before, dtype=jnp.int32)
-    need_here = need[0] - jnp.sum(jnp.where(before, leaf_ties, 0))
+    # One search for every leaf in the same passes (no branch per leaf); a
+    # leaf that keeps all or none of its ties is settled in its first pass.
+    cut = _tie_cut_stacked(stacks, members, threshold, leaf_need, sizes)
+    return jnp.where(leaf_need >= leaf_ties, sizes, cut[to_leaf_order])
 
-    def search(i):
-      return lambda: _tie_cut(
-          [bits[i]], threshold, need_here[None], [sizes[i]]
-      )[0]
-
-    cut = lax.switch(cut_leaf, [search(i) for i in range(len(bits))])
-    index = jnp.arange(len(bits))
-    return masks_with(
-        jnp.where(
-            index < cut_leaf,
-            np.asarray(sizes),
-            jnp.where(index == cut_leaf, cut, 0),
-        )
-    )
-
-  # Random floats rarely tie at the threshold; then the index search is skipped.
-  return lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
+  # Per leaf, ties of flat index below the cut are kept. Random floats rarely
+  # tie at the threshold; then the index search is skipped.
+  cuts = lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
+  leaf_threshold = (
+      threshold if per_leaf else jnp.broadcast_to(threshold, (len(leaves),))
+  )
+  masks = []
+  for i, x in enumerate(leaves):
+    b = _bits(x, ftype, itype)
+    t = leaf_threshold[i]
+    masks.append((b > t) | ((b == t) & (_flat_index(b.shape) < cuts[i])))
+  return masks
 
 
-def _tie_cut(
-    bits: Sequence[jax.Array],
+def _tie_cut_stacked(
+    stacks: Sequence[jax.Array],
+    members: Sequence[np.ndarray],
     threshold: jax.Array,
     need: jax.Array,
-    sizes: Sequence[int],
+    sizes: np.ndarray,
 ) -> jax.Array:
-  """Per leaf, the smallest J with exactly ``need`` ties of flat index < J.
+  """Per leaf (in stack order), the smallest J with ``need`` ties below J.
 
-  The radix search on the index instead of the value: the largest L with fewer
-  than ``need`` ties below it, plus one (0 when need is 0). Leaf i is compared
-  with ``threshold[i]`` (or ``threshold[0]`` when there is one threshold).
+  A tie is an entry equal to the leaf's threshold (``threshold`` has one entry
+  per leaf, or one for all); ``need`` is per leaf, in leaf order. The radix
+  search on the flat index instead of the value: the largest L with fewer than
+  ``need`` ties of index < L, plus one (0 when need is 0). All leaves are
+  searched in the same passes, one count per stack.
   """
+  tied = [s == _rows(threshold, ix, s.ndim) for s, ix in zip(stacks, members)]
+  index = [_flat_index(s.shape[1:])[None] for s in stacks]
+  starts = np.cumsum([0] + [len(ix) for ix in members])
+  own = [np.arange(len(ix)) + o for ix, o in zip(members, starts)]
 
   def count_below(candidates):
-    return jnp.stack(
-        [
-            _counts(
-                [
-                    (b == threshold[min(i, len(threshold) - 1)])
-                    & (_flat_index(b.shape) < c)
-                    for c in candidates[i]
-                ]
-            )
-            for i, b in enumerate(bits)
-        ]
-    )
+    rows = [
+        _count_rows(
+            t[:, None]
+            & (i[:, None] < jnp.swapaxes(_rows(candidates.T, o, t.ndim), 0, 1)),
+            2,
+        )
+        for t, i, o in zip(tied, index, own)
+    ]
+    return jnp.concatenate(rows)
 
+  need_here = need[np.concatenate(members)]
   largest_short = _radix_search(
-      max(max(sizes).bit_length(), 1),
+      max(int(sizes.max()).bit_length(), 1),
       jnp.int32,
-      len(bits),
+      len(need_here),
       count_below,
-      lambda counts: counts < need[:, None],
+      lambda counts: counts < need_here[:, None],
   )
-  return jnp.where(need > 0, largest_short + 1, 0)
+  return jnp.where(need_here > 0, largest_short + 1, 0)
 
 
 def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
