@@ -117,9 +117,18 @@ def _count_rows(predicate: jax.Array, keep: int = 1) -> jax.Array:
       n // s if n % s == 0 else 1
       for n, s in zip(shape, shard_counts(predicate))
   ]
+  # Auto mode sees no shards: an axis whose size is a multiple of _CHUNK * 8
+  # keeps whole runs in every block of an up-to-8-way split of that axis (a
+  # 2048x1000 head split 8 ways on its outputs has blocks of 125: runs along
+  # them straddle shards, and XLA gathers the partial sums).
   axis = max(
       range(keep, len(shape)),
-      key=lambda a: (math.gcd(block[a], _CHUNK), a == last, shape[a]),
+      key=lambda a: (
+          math.gcd(block[a], _CHUNK),
+          shape[a] % (_CHUNK * 8) == 0,
+          a == last,
+          shape[a],
+      ),
   )
   run = math.gcd(block[axis], _CHUNK)
   if run == 1:
