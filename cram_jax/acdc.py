@@ -23,6 +23,7 @@ from cram_jax.gmp import (
     build_compressor,
     check_step,
     check_target,
+    check_update_args,
     find_state,
     hold_pruned,
     initial_masks,
@@ -154,20 +155,7 @@ def acdc(
       params: optax.Params | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, ACDCState]:
-    if params is None:
-      raise ValueError(
-          f"{owner}: update needs params, to prune them and hold pruned "
-          "weights at zero"
-      )
-    if not isinstance(state, ACDCState):
-      raise TypeError(
-          f"{owner}: state must be the ACDCState returned by tx.init(params), "
-          f"got {validate.short(state)}"
-      )
-    validate.check_floating_tree(params, owner=owner)
-    updates = validate.check_same_tree(
-        params, updates, owner=owner, other_name="grads (updates)"
-    )
+    updates = check_update_args(owner, state, ACDCState, params, updates)
     t = state.count
     compressed = compressed_at(t)
     # t = 0 has no previous step; a compressed step 0 starts a phase.

@@ -105,6 +105,26 @@ def build_compressor(
   return compressor
 
 
+def check_update_args(
+    owner: str, state: Any, state_type: type, params: Any, updates: Any
+) -> Any:
+  """The checks of a masking wrapper's ``update``; returns ``updates`` checked."""
+  if params is None:
+    raise ValueError(
+        f"{owner}: update needs params, to prune them and hold pruned "
+        "weights at zero"
+    )
+  if not isinstance(state, state_type):
+    raise TypeError(
+        f"{owner}: state must be the {state_type.__name__} returned by "
+        f"tx.init(params), got {validate.short(state)}"
+    )
+  validate.check_floating_tree(params, owner=owner)
+  return validate.check_same_tree(
+      params, updates, owner=owner, other_name="grads (updates)"
+  )
+
+
 def initial_masks(compressor: base.Compressor, params: Any, owner: str) -> Any:
   """All-True masks on the leaves ``compressor`` prunes, None elsewhere."""
   _, masks = validate.check_compressor_output(
@@ -434,20 +454,7 @@ def gmp(
       params: optax.Params | None = None,
       **extra_args: Any,
   ) -> tuple[optax.Updates, GMPState]:
-    if params is None:
-      raise ValueError(
-          f"{owner}: update needs params, to prune them and hold pruned "
-          "weights at zero"
-      )
-    if not isinstance(state, GMPState):
-      raise TypeError(
-          f"{owner}: state must be the GMPState returned by tx.init(params), "
-          f"got {validate.short(state)}"
-      )
-    validate.check_floating_tree(params, owner=owner)
-    updates = validate.check_same_tree(
-        params, updates, owner=owner, other_name="grads (updates)"
-    )
+    updates = check_update_args(owner, state, GMPState, params, updates)
     t = state.count
     index = jnp.searchsorted(jnp.asarray(steps_array), t)
     index = jnp.minimum(index, len(steps) - 1)
