@@ -1198,10 +1198,10 @@ def test_ties_cut_in_the_first_middle_or_last_leaf(dtype, keep):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_interleaved_shapes_stacked_in_another_order_match_oracle(seed):
-  # Leaves of two shapes alternate in tree order, so the per-shape stacks the
-  # search counts over hold them in another order than the flat index; few
-  # distinct values make ties at every level.
+def test_interleaved_shapes_match_oracle(seed):
+  # Leaves of three shapes alternate in tree order and few distinct values
+  # make ties at every level, so the cut through the ties walks the flat
+  # index across leaves of different shapes.
   rng = np.random.default_rng(seed)
   shapes = [(4, 6), (3, 2, 4), (4, 6), (3, 2, 4), (4, 6), (2, 5)]
   leaves = [rng.integers(-2, 3, size=sh).astype(np.float32) for sh in shapes]
@@ -1284,3 +1284,55 @@ def test_blocks_of_a_sharded_axis_that_split_runs_or_groups():
       "shards of 3 along axis 0, not a multiple of 4",
   ):
     jax.jit(compress.n_of_m(2, 4))(sharded)
+
+
+# -------------------------------------------- the sample bracket is a guess
+
+
+def _sampled_trees(kind: str, dtype) -> dict[str, jax.Array]:
+  """Leaves whose axes are long enough to be sampled (one weight in 64 reads).
+
+  ``misleading``: the sampled weights (entry 0 of every run of 8 rows and of
+  8 columns) are far larger than the rest, so the bracket the search takes
+  from the sample is wrong for every level; ``ties``: 5 distinct magnitudes;
+  ``normal``: distinct draws (tied after rounding to 16 bits).
+  """
+  rng = np.random.default_rng(7)
+  tree = {}
+  for i, shape in enumerate([(64, 128), (3, 3, 16, 64), (256, 32)]):
+    if kind == "ties":
+      x = rng.integers(-2, 3, size=shape).astype(np.float32)
+    else:
+      x = rng.normal(size=shape).astype(np.float32)
+    if kind == "misleading":
+      rows = (slice(None),) * (len(shape) - 2)
+      x[rows + (slice(None, None, 8), slice(None, None, 8))] += 100.0
+    tree[f"layer{i}"] = jnp.asarray(x, dtype)
+  return tree
+
+
+@pytest.mark.parametrize("kind", ["misleading", "ties", "normal"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_masks_are_exact_whatever_the_sample_suggests(kind, dtype):
+  # The sample only proposes where to look first: the counts on all weights
+  # decide, so a misleading sample costs passes, never exactness.
+  tree = _sampled_trees(kind, dtype)
+  names = sorted(tree)
+  leaves = [np.abs(np.asarray(tree[n], np.float32)) for n in names]
+  flat = np.concatenate([x.ravel() for x in leaves])
+  levels = (0.5, 0.9, 0.97)
+  by_global = jax.jit(compress.global_magnitude(levels))
+  by_layer = jax.jit(compress.layerwise_magnitude(levels))
+  for level, s in enumerate(levels):
+    masks = by_global(tree, level=level)[1]
+    got = np.concatenate([np.asarray(masks[n]).ravel() for n in names])
+    np.testing.assert_array_equal(
+        got, topk_oracle(flat, round((1 - s) * flat.size)), err_msg=f"{s=}"
+    )
+    masks = by_layer(tree, level=level)[1]
+    for n, x in zip(names, leaves):
+      np.testing.assert_array_equal(
+          np.asarray(masks[n]).ravel(),
+          topk_oracle(x.ravel(), round((1 - s) * x.size)),
+          err_msg=f"{n} {s=}",
+      )

@@ -8,23 +8,23 @@ threshold test is a strict ``>`` against the k-th value); we keep exactly k.
 Layer-wise pruning takes its per-leaf counts from a sparsity distribution
 (:mod:`cram_jax.compress.distribution`: uniform, ERK or a user map).
 
-How it stays fast: no sort, and no concatenated copy of the model. Leaves of
-one shape are stacked once into a ``(G, *shape)`` array of keys, so each pass
-is one count per distinct shape (the compiled program stays small). The k-th
-largest magnitude is found by a radix search on its bit pattern: non-negative
-IEEE floats order exactly like their bits read as signed integers, and each
-pass counts the entries at least each of 3 candidates (one reduction per
-stack), fixing 2 bits: 16 passes for float32, 8 for leaves that are all
-bfloat16 or all float16 (searched on their own 16 bits). Ties at the threshold
-are cut by a second radix search on the flat index, only when there are more
-tied entries than places left, for every leaf in the same passes.
-Counts never reshape across axes (see :func:`_count_rows`), so sharded
-parameters need only all-reduces of small count vectors. docs/masks.md has the
-details.
+How it stays fast: no sort, no concatenated copy of the model, no stored
+keys. Non-negative IEEE floats order exactly like their bits read as signed
+integers, so one fused pass over the leaves counts the weights at least a
+candidate key (computed from the leaf inside the pass). Ranking by key, then
+flat index, the k-th position is found by a search that counts 2 candidates
+per pass: bracketed first on a strided sample (one weight in 64), then
+interpolated from the counts, until a candidate has exactly k weights at or
+before it; ties at the threshold continue the search among the flat indices
+of the tied weights (:func:`_search`). Float32 weights take 4-8 passes on
+ResNet-50- and BERT-sized trees. Counts never reshape across axes (see
+:func:`_count_rows`), so sharded parameters need only all-reduces of small
+count vectors. docs/masks.md has the details.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -37,9 +37,6 @@ from jax import lax
 from cram_jax.compress import base, distribution, validate
 from cram_jax.compress import select as select_lib
 
-# Bits fixed per pass over the weights: 2**_RADIX_BITS - 1 thresholds are
-# counted in each read (sibling reductions XLA fuses into one loop).
-_RADIX_BITS = 2
 # Rows summed in uint8 before the int32 sum: keeps the counting vectorised.
 _CHUNK = 8
 
@@ -88,26 +85,23 @@ def shard_counts(x: Any) -> tuple[int, ...]:
   return tuple(counts)
 
 
-def _sharding_key(x: Any) -> str | None:
-  """The explicit sharding spec of ``x`` as a string (None in auto mode)."""
-  try:
-    return str(jax.typeof(x).sharding.spec)
-  except (AttributeError, TypeError, ValueError):
-    return None
-
-
-def _count_rows(predicate: jax.Array, keep: int = 1) -> jax.Array:
+def _count_rows(
+    predicate: jax.Array, keep: int = 1, runs: bool = True
+) -> jax.Array:
   """Number of True entries per index of the ``keep`` leading axes (int32).
+
+  ``runs=False`` sums in int32 at once (for small arrays, such as samples
+  whose axes are too short to keep runs inside every shard).
 
   One other axis is split into runs of up to ``_CHUNK`` neighbouring rows,
   summed in uint8 (vectorised about 8x better on CPU than an int32 sum), then
   the rest is summed in int32. No reshape crosses axes: an axis sharded into
   blocks of a multiple of the run length stays local, so the count is one
   local sum plus an all-reduce of the few counts. Under an explicit sharding
-  the run divides the block; under auto sharding the last axis is preferred
-  (with leaves stacked, a sharded leading axis whose block is not a multiple of
-  the run made XLA all-reduce the uint8 partial sums: tests/test_sharded_hlo.py,
-  ``fsdp_first``).
+  the run divides the block; under auto sharding an axis whose length is a
+  multiple of 64 is preferred, then the last axis (a sharded axis whose block
+  is not a multiple of the run makes XLA all-reduce the uint8 partial sums:
+  tests/test_sharded_hlo.py).
   """
   shape = predicate.shape
   if len(shape) == keep:
@@ -130,7 +124,7 @@ def _count_rows(predicate: jax.Array, keep: int = 1) -> jax.Array:
           shape[a],
       ),
   )
-  run = math.gcd(block[axis], _CHUNK)
+  run = math.gcd(block[axis], _CHUNK) if runs else 1
   if run == 1:
     return jnp.sum(
         predicate, axis=tuple(range(keep, len(shape))), dtype=jnp.int32
@@ -154,45 +148,18 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-def _radix_search(
-    nbits: int,
-    itype: Any,
-    num_groups: int,
-    count: Any,
-    ok: Any,
-) -> jax.Array:
-  """Per group, the largest ``v`` in ``[0, 2**nbits)`` with ``ok`` true at ``v``.
-
-  ``ok`` must be monotone (true up to the answer, false above) and true at 0.
-  ``count(candidates)`` maps ``(num_groups, c)`` candidates to ``(num_groups, c)``
-  int32 counts, one read of the weights for all of them; ``ok(counts)`` is
-  elementwise. Each pass fixes ``_RADIX_BITS`` bits of the answer, top down.
-  """
-  passes = -(-nbits // _RADIX_BITS)
-  digits = jnp.arange(1, 2**_RADIX_BITS, dtype=itype)
-
-  def body(i, prefix):
-    shift = ((passes - 1 - i) * _RADIX_BITS).astype(itype)
-    candidates = prefix[:, None] | (digits << shift)
-    # Digits past the top bit wrap negative: never ok.
-    good = ok(count(candidates)) & (candidates >= 0)
-    best = jnp.sum(
-        good, axis=1, dtype=itype
-    )  # monotone: ok digits are a prefix
-    return prefix | (best << shift)
-
-  return lax.fori_loop(0, passes, body, jnp.zeros((num_groups,), itype))
+# Candidates counted per group in each pass over the weights.
+_CANDIDATES = 2
+# The bracketing search reads about one weight in _SAMPLE_STRIDE.
+_SAMPLE_STRIDE = 64
+# Interpolated candidates sit this many standard deviations of rank either
+# side of the estimate.
+_SPREAD = 3.0
 
 
-def _rows(values: jax.Array, index: np.ndarray, ndim: int) -> jax.Array:
-  """``values[..., index]`` shaped to broadcast on a ``(G, ...)`` stack of rank
-  ``ndim``: one value per row (``values`` of shape ``(n,)``, n = 1 broadcast),
-  or per candidate and row (``(c, n)`` -> ``(c, G, 1, ..., 1)``)."""
-  if values.shape[-1] > 1:
-    picked = values[..., index]
-  else:
-    picked = jnp.broadcast_to(values, values.shape[:-1] + index.shape)
-  return picked.reshape(picked.shape + (1,) * (ndim - 1))
+def _per_candidate(values: jax.Array, ndim: int) -> jax.Array:
+  """``(c,)`` values shaped ``(1, c, 1, ..., 1)`` against a ``(1, *shape)`` view."""
+  return values.reshape((1, -1) + (1,) * (ndim - 1))
 
 
 def _topk_masks(
@@ -201,141 +168,328 @@ def _topk_masks(
   """Masks keeping exactly the ``k`` largest ``|w|`` (ties: lower flat index).
 
   One group of all leaves (``k`` of shape ``(1,)``), or with ``per_leaf`` one
-  group per leaf (``k`` of shape ``(len(leaves),)``).
-
-  Leaves of one shape (and explicit sharding) are stacked once into a
-  ``(G, *shape)`` array of keys, so every pass is one count per distinct shape,
-  not per leaf: the compiled program grows with the number of shapes (ResNet-50:
-  21, BERT: 4), which keeps compilation short.
+  group per leaf (``k`` of shape ``(len(leaves),)``). Within a group the
+  entries are ranked by key, then by flat index (leaves in order, row-major
+  inside a leaf); the mask keeps the first ``k``. See :func:`_search`.
   """
   if not leaves:
     return []
   ftype, itype = _key_types(leaves)
+  top_key = 2 ** (jnp.iinfo(itype).bits - 1) - 1  # |w| has no sign bit
   k = jnp.asarray(k, jnp.int32)
   num_groups = len(k)
   sizes = np.asarray([int(np.prod(x.shape)) for x in leaves])
-  by_shape: dict[Any, list[int]] = {}
-  for i, x in enumerate(leaves):
-    by_shape.setdefault((tuple(x.shape), _sharding_key(x)), []).append(i)
-  members = [np.asarray(ix) for ix in by_shape.values()]
-  stacks = [
-      jnp.stack([_bits(leaves[i], ftype, itype) for i in ix]) for ix in members
-  ]
-  # Concatenated per-stack rows back to leaf order.
-  to_leaf_order = np.argsort(np.concatenate(members), kind="stable")
+  if per_leaf:
+    group_of, offsets, group_sizes = np.arange(len(sizes)), 0 * sizes, sizes
+  else:
+    group_of = np.zeros(len(sizes), int)
+    offsets = np.cumsum(sizes) - sizes  # flat index of a leaf's first entry
+    group_sizes = sizes.sum(keepdims=True)
+  # Each leaf as ``(1, *shape)``, a free reshape. Its keys are computed inside
+  # every pass (a fused bit operation) and never stored: no copy of the model.
+  views = [x[None] for x in leaves]
 
-  def leaf_counts(predicate, keep=1):
-    """Counts of ``predicate(stack, members)`` per leaf, in leaf order.
+  def keys(view):
+    return _bits(view, ftype, itype)
 
-    With ``keep=2`` the predicate has a candidate axis after the stack axis:
-    ``(L, c)``.
-    """
-    rows = [
-        _count_rows(predicate(s, ix), keep) for s, ix in zip(stacks, members)
-    ]
-    return jnp.concatenate(rows)[to_leaf_order]
+  def counter(arrays, weights, full):
+    """``count(key_cand, index_cand, live)``: per group, the (weighted)
+    entries at or before each candidate ``(key, i)`` in the ranking: a larger
+    key, or the same key and a flat index at most ``group size - 1 - i``."""
 
-  def count_at_least(candidates):
-    # All candidates of a stack in one compare-and-count, (G, c, *shape):
-    # the candidates of one leaf are compared while it is in cache.
-    counts = leaf_counts(
-        lambda s, ix: s[:, None]
-        >= jnp.swapaxes(_rows(candidates.T, ix, s.ndim), 0, 1),
-        keep=2,
-    )
-    return counts if per_leaf else jnp.sum(counts, axis=0)[None]
+    def count_leaf(i, a, key_cand, index_cand):
+      # full: all weights, ranked by key then flat index. Else a sample (keys
+      # only), small and with short axes: a plain int32 sum.
+      g = group_of[i]
+      b = keys(a)[:, None]
+      at = _per_candidate(key_cand[g], a.ndim)
+      if full:
+        last = int(group_sizes[g] - 1 - offsets[i])
+        bound = _per_candidate(last - index_cand[g], a.ndim)
+        index = _flat_index(a.shape[1:])[None, None]
+        before = (b > at) | ((b == at) & (index <= bound))
+      else:
+        before = b >= at
+      return _count_rows(before, 2, runs=full) * weights[i]
 
-  threshold = _radix_search(
-      jnp.iinfo(itype).bits - 1,  # |w| has no sign bit
-      itype,
-      num_groups,
-      count_at_least,
-      lambda counts: counts >= k[:, None],
+    def count(key_cand, index_cand, live):
+      rows = []
+      for i, a in enumerate(arrays):
+        if per_leaf:
+          # Layer-wise, a leaf whose group is settled is not read again.
+          rows.append(
+              lax.cond(
+                  live[i],
+                  functools.partial(count_leaf, i, a, key_cand, index_cand),
+                  lambda: jnp.zeros((1, key_cand.shape[1]), jnp.int32),
+              )
+          )
+        else:
+          rows.append(count_leaf(i, a, key_cand, index_cand))
+      counts = jnp.concatenate(rows)
+      return counts if per_leaf else jnp.sum(counts, axis=0, keepdims=True)
+
+    return count
+
+  # 1. Bracket the threshold on a strided sample (about 1 weight in 64, each
+  # standing for as many): searches for ranks a margin above and below k.
+  steps = [_sample_steps(v.shape, shard_counts(v)) for v in views]
+  samples = [_take_sample(v, st) for v, st in zip(views, steps)]
+  stride = np.asarray([int(np.prod(st)) for st in steps])
+  group_stride = stride if per_leaf else stride.max(keepdims=True)
+  rest = jnp.minimum(k, group_sizes - k).astype(jnp.float32)
+  margin = (4 * np.sqrt(group_stride) * jnp.sqrt(rest)).astype(jnp.int32)
+  margin = margin + 2 * group_stride
+  sample_count = counter(samples, [int(r) for r in stride], False)
+
+  def both_targets(key_cand, index_cand, live):
+    # (2 groups, c) candidates -> one count of (groups, 2c), split back.
+    del index_cand
+    pairs = jnp.concatenate(jnp.split(key_cand, 2), axis=1)
+    live = jnp.logical_or(*jnp.split(live, 2))
+    counts = sample_count(pairs, None, live)
+    return jnp.concatenate(jnp.split(counts, 2, axis=1))
+
+  targets = jnp.concatenate(
+      [jnp.minimum(k + margin, group_sizes), jnp.maximum(k - margin, 1)]
   )
-  above_and_tied = leaf_counts(
-      lambda s, ix: jnp.stack(
-          [s > _rows(threshold, ix, s.ndim), s == _rows(threshold, ix, s.ndim)],
-          axis=1,
-      ),
-      keep=2,
-  ).T
-  leaf_ties = above_and_tied[1]
-  if per_leaf:
-    above, ties = above_and_tied
-  else:
-    above, ties = jnp.sum(above_and_tied, axis=1)[:, None]
-  need = k - above  # how many entries equal to the threshold each group keeps
-  if per_leaf:
-    leaf_need = need
-  else:
-    # Earlier leaves keep all their ties first: the cut falls in one leaf.
-    leaf_need = jnp.clip(
-        need[0] - (jnp.cumsum(leaf_ties) - leaf_ties), 0, leaf_ties
-    )
+  twice = np.tile(group_sizes, 2)
+  wide = 2 ** (jnp.iinfo(itype).bits - 10)  # a binade of float32, bfloat16
+  found, found_top, _ = _search(
+      both_targets,
+      targets,
+      np.ones_like(twice),
+      jnp.zeros(twice.shape, itype),
+      jnp.full(twice.shape, top_key, itype),
+      jnp.asarray(twice, jnp.int32),
+      wide=wide,
+      within=np.tile(stride if per_leaf else group_stride, 2),
+  )
+  below = found[:num_groups]
+  above = jnp.minimum(found_top[num_groups:], top_key - 1) + 1
+  share = jnp.linspace(0.0, 1.0, _CANDIDATES, dtype=jnp.float32)
+  first = below[:, None] + (
+      (above - below).astype(jnp.float32)[:, None] * share
+  ).astype(itype)
 
-  def every_tie_kept():
-    return jnp.asarray(sizes, jnp.int32)
-
-  def lower_index_wins():
-    # One search for every leaf in the same passes (no branch per leaf); a
-    # leaf that keeps all or none of its ties is settled in its first pass.
-    cut = _tie_cut_stacked(stacks, members, threshold, leaf_need, sizes)
-    return jnp.where(leaf_need >= leaf_ties, sizes, cut[to_leaf_order])
-
-  # Per leaf, ties of flat index below the cut are kept. Random floats rarely
-  # tie at the threshold; then the index search is skipped.
-  cuts = lax.cond(jnp.all(need >= ties), every_tie_kept, lower_index_wins)
-  leaf_threshold = (
-      threshold if per_leaf else jnp.broadcast_to(threshold, (len(leaves),))
+  # 2. The exact cut on all weights: the key, then among equal keys the flat
+  # index (random floats rarely tie there: the search then ends on a key with
+  # exactly k entries at least it).
+  none_kept = k == 0
+  threshold, _, index_cut = _search(
+      counter(views, [1] * len(views), True),
+      k,
+      group_sizes,
+      jnp.where(none_kept, top_key, 0).astype(itype),
+      jnp.full((num_groups,), top_key, itype),
+      jnp.where(none_kept, 0, jnp.asarray(group_sizes, jnp.int32)),
+      first=first,
+      wide=wide,
   )
   masks = []
   for i, x in enumerate(leaves):
+    g = group_of[i]
     b = _bits(x, ftype, itype)
-    t = leaf_threshold[i]
-    masks.append((b > t) | ((b == t) & (_flat_index(b.shape) < cuts[i])))
+    t = threshold[g]
+    # Entries equal to t are kept up to flat index group size - 1 - index_cut.
+    cut = jnp.int32(group_sizes[g] - offsets[i]) - index_cut[g]
+    cut = jnp.where(none_kept[g], 0, cut)
+    masks.append((b > t) | ((b == t) & (_flat_index(b.shape) < cut)))
   return masks
 
 
-def _tie_cut_stacked(
-    stacks: Sequence[jax.Array],
-    members: Sequence[np.ndarray],
-    threshold: jax.Array,
-    need: jax.Array,
-    sizes: np.ndarray,
-) -> jax.Array:
-  """Per leaf (in stack order), the smallest J with ``need`` ties below J.
+def _sample_steps(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[int]:
+  """Per axis of a ``(1, *shape)`` view, the step of its strided sample.
 
-  A tie is an entry equal to the leaf's threshold (``threshold`` has one entry
-  per leaf, or one for all); ``need`` is per leaf, in leaf order. The radix
-  search on the flat index instead of the value: the largest L with fewer than
-  ``need`` ties of index < L, plus one (0 when need is 0). All leaves are
-  searched in the same passes, one count per stack.
+  The steps multiply to at most ``_SAMPLE_STRIDE``. Major axes come first (a
+  sampled row is read whole and the rows between are skipped). A step divides
+  the axis' block on every device, so sampling stays local to each shard:
+  under an explicit sharding the block is known; in auto mode an axis is
+  assumed split up to 8 ways.
   """
-  tied = [s == _rows(threshold, ix, s.ndim) for s, ix in zip(stacks, members)]
-  index = [_flat_index(s.shape[1:])[None] for s in stacks]
-  starts = np.cumsum([0] + [len(ix) for ix in members])
-  own = [np.arange(len(ix)) + o for ix, o in zip(members, starts)]
+  steps = [1] * len(shape)
+  left = _SAMPLE_STRIDE
+  last = len(shape) - 1
+  for axis in sorted(
+      range(1, len(shape)), key=lambda a: (a == last, -shape[a])
+  ):
+    n = shape[axis]
+    if shards[axis] > 1:
+      block = n // shards[axis] if n % shards[axis] == 0 else 1
+    else:
+      block = n // 8 if n % 8 == 0 else n
+    steps[axis] = math.gcd(block, left)
+    left //= steps[axis]
+  return steps
 
-  def count_below(candidates):
-    rows = [
-        _count_rows(
-            t[:, None]
-            & (i[:, None] < jnp.swapaxes(_rows(candidates.T, o, t.ndim), 0, 1)),
-            2,
-        )
-        for t, i, o in zip(tied, index, own)
-    ]
-    return jnp.concatenate(rows)
 
-  need_here = need[np.concatenate(members)]
-  largest_short = _radix_search(
-      max(int(sizes.max()).bit_length(), 1),
-      jnp.int32,
-      len(need_here),
-      count_below,
-      lambda counts: counts < need_here[:, None],
+def _take_sample(view: jax.Array, steps: Sequence[int]) -> jax.Array:
+  """Entry 0 of every run of ``steps[a]`` along each axis ``a``.
+
+  Each axis is split where it stands, never reshaped across axes.
+  """
+  for axis, step in enumerate(steps):
+    if step > 1:
+      shape = view.shape
+      view = view.reshape(
+          shape[:axis] + (shape[axis] // step, step) + shape[axis + 1 :]
+      )
+      view = lax.index_in_dim(view, 0, axis + 1, keepdims=False)
+  return view
+
+
+def _interpolate(lo, top, cnt_lo, cnt_up, target, even):
+  """``_CANDIDATES`` increasing candidates in ``(lo, top]`` per group.
+
+  ``cnt_lo`` entries rank at or before ``lo`` and ``cnt_up`` before ``top +
+  1``; the count crosses ``target`` in between. As if those entries were
+  spread evenly, the candidates sit ``_SPREAD`` standard deviations of rank
+  either side of the crossing; where ``even``, they split the interval into
+  equal parts instead.
+  """
+  c = _CANDIDATES
+  width = (top - lo).astype(jnp.float32) + 1
+  inside = jnp.maximum(cnt_lo - cnt_up, 1).astype(jnp.float32)
+  f = (cnt_lo - target).astype(jnp.float32) / inside
+  sigma = jnp.minimum(
+      _SPREAD * jnp.sqrt(f * (1 - f) * inside) + 1, inside / (2 * c + 2) + 0.5
   )
-  return jnp.where(need_here > 0, largest_short + 1, 0)
+  spread = jnp.linspace(-1.0, 1.0, c, dtype=jnp.float32)
+  interp = ((f * inside)[:, None] + spread * sigma[:, None]) * (width / inside)[
+      :, None
+  ]
+  uniform = jnp.arange(1, c + 1, dtype=jnp.float32) / (c + 1) * width[:, None]
+  offset = jnp.where(even[:, None], uniform, interp)
+  # The largest float32 that converts to lo's type without overflow.
+  below_max = float(
+      np.nextafter(
+          np.float32(2.0 ** (jnp.iinfo(lo.dtype).bits - 1)), np.float32(0)
+      )
+  )
+  offset = jnp.clip(offset, 1.0, below_max).astype(lo.dtype)
+  offset = jnp.maximum(jnp.minimum(offset, (top - lo)[:, None]), 1)
+  return lo[:, None] + offset
+
+
+def _search(
+    count,
+    target,
+    size,
+    key_lo,
+    key_top,
+    cnt_lo,
+    first=None,
+    wide=None,
+    within=0,
+):
+  """Per group, the ``target``-th entry in the ranking (key desc, index asc).
+
+  A position in the ranking is a pair ``(key, i)`` standing for the entries
+  of that key and flat index at most ``size - 1 - i``; ``count(key_cand,
+  index_cand, live)`` maps ``(groups, c)`` candidate pairs to how many entries
+  rank at or before each (non-increasing along the ranking); it may skip the
+  groups that are not ``live``. On entry, per group,
+  ``cnt_lo = count(key_lo, 0) >= target`` and no entry has a key above
+  ``key_top``.
+
+  Each pass counts ``_CANDIDATES`` candidates and keeps the part where the
+  count crosses ``target``: first between keys, then, once one key is left
+  (ties), between flat indices of that key. It stops when exactly ``target``
+  entries rank at or before ``(key, i)`` (random floats usually stop on a key),
+  or when the interval is one position. Candidates come from ``first`` on the
+  first pass (keys bracketed from a sample), then by interpolating the count
+  linearly between the ends (:func:`_interpolate`). A pass that leaves more
+  than half the entries in play, or an interval of keys wider than ``wide``
+  (where the count is far from linear in the key), is followed by a pass with
+  evenly spaced candidates, so the interval shrinks geometrically.
+
+  With ``within``, a group also stops once at most that many entries are
+  left between the ends (a bracket is enough).
+
+  Returns ``(key, key_top, i)``: the position found (the interval's low end)
+  and the interval's last key.
+  """
+  size = jnp.asarray(size, jnp.int32)
+  state = (
+      key_lo,
+      key_top,
+      jnp.where(key_lo == key_top, size, 0),
+      jnp.where(key_lo == key_top, size, size - 1),
+      cnt_lo,
+      jnp.zeros_like(cnt_lo),
+      jnp.zeros(cnt_lo.shape, bool),
+  )
+
+  def active(s):
+    key_lo, key_top, i_lo, i_top, cnt_lo, cnt_up = s[:6]
+    return (
+        (cnt_lo != target)
+        & ((key_lo < key_top) | (i_lo < i_top))
+        & (cnt_lo - cnt_up > within)
+    )
+
+  def candidates(s, key_first=None):
+    key_lo, key_top, i_lo, i_top, cnt_lo, cnt_up, even = s
+    on_keys = key_lo < key_top
+    live = active(s)
+    if key_first is None:
+      wider = even if wide is None else even | (key_top - key_lo > wide)
+      key_first = _interpolate(key_lo, key_top, cnt_lo, cnt_up, target, wider)
+    key_cand = jnp.where((live & on_keys)[:, None], key_first, key_lo[:, None])
+    index_cand = _interpolate(i_lo, i_top, cnt_lo, cnt_up, target, even)
+    index_cand = jnp.where(
+        (live & ~on_keys)[:, None],
+        index_cand,
+        jnp.where(on_keys, 0, i_lo)[:, None],
+    )
+    return key_cand, index_cand
+
+  def body(carry):
+    s, (key_cand, index_cand) = carry
+    key_lo, key_top, i_lo, i_top, cnt_lo, cnt_up, _ = s
+    on_keys = (key_lo < key_top)[:, None]
+    live = active(s)
+    counts = count(key_cand, index_cand, live)
+    ok = counts >= target[:, None]
+    new_key_lo = jnp.max(jnp.where(ok, key_cand, key_lo[:, None]), axis=1)
+    new_key_top = jnp.min(
+        jnp.where(ok | ~on_keys, key_top[:, None], key_cand - 1), axis=1
+    )
+    new_i_lo = jnp.max(
+        jnp.where(ok & ~on_keys, index_cand, i_lo[:, None]), axis=1
+    )
+    new_i_top = jnp.min(
+        jnp.where(ok | on_keys, i_top[:, None], index_cand - 1), axis=1
+    )
+    new_cnt_lo = jnp.min(jnp.where(ok, counts, cnt_lo[:, None]), axis=1)
+    new_cnt_up = jnp.max(jnp.where(ok, cnt_up[:, None], counts), axis=1)
+    # Interpolation missed (more than half the entries still in play): the
+    # next pass splits the interval evenly.
+    even = 2 * (new_cnt_lo - new_cnt_up) > cnt_lo - cnt_up
+    # A settled group keeps its state (its leaves may not have been counted).
+    s = tuple(
+        jnp.where(live, new, old)
+        for new, old in zip(
+            (
+                new_key_lo,
+                new_key_top,
+                new_i_lo,
+                new_i_top,
+                new_cnt_lo,
+                new_cnt_up,
+                even,
+            ),
+            s,
+        )
+    )
+    return s, candidates(s)
+
+  s, _ = lax.while_loop(
+      lambda carry: jnp.any(active(carry[0])),
+      body,
+      (state, candidates(state, first)),
+  )
+  return s[0], s[1], s[2]
 
 
 def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
