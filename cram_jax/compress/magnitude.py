@@ -464,8 +464,11 @@ def _search(
     new_cnt_lo = jnp.min(jnp.where(ok, counts, cnt_lo[:, None]), axis=1)
     new_cnt_up = jnp.max(jnp.where(ok, cnt_up[:, None], counts), axis=1)
     # Interpolation missed (more than half the entries still in play): the
-    # next pass splits the interval evenly.
-    even = 2 * (new_cnt_lo - new_cnt_up) > cnt_lo - cnt_up
+    # next pass splits the interval evenly; not the first pass among the
+    # flat indices of one key, whose count was never interpolated.
+    missed = 2 * (new_cnt_lo - new_cnt_up) > cnt_lo - cnt_up
+    keys_just_closed = on_keys[:, 0] & (new_key_lo == new_key_top)
+    even = missed & ~keys_just_closed
     # A settled group keeps its state (its leaves may not have been counted).
     s = tuple(
         jnp.where(live, new, old)
