@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from parallel_checks import (
     LOSS_RTOL,
     assert_close_relative_to_change,
@@ -29,6 +30,33 @@ from experiments.configs import digits
 STEPS = (
     3  # well-conditioned: rounding is not amplified yet (parallel_checks.py)
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache_for_this_module(tmp_path_factory):
+  """A persistent compilation cache, for this module only.
+
+  Every mode builds its initial state with the same program (checked below):
+  compiled once instead of six times. The steps, which hold the mask spy's
+  host callback, are never cached. Config and cache state are restored
+  afterwards.
+  """
+  names = (
+      "jax_compilation_cache_dir",
+      "jax_persistent_cache_min_compile_time_secs",
+      "jax_persistent_cache_min_entry_size_bytes",
+  )
+  saved = {name: getattr(jax.config, name) for name in names}
+  compilation_cache.reset_cache()  # forget an earlier "no cache" decision
+  jax.config.update(
+      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
+  )
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")

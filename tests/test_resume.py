@@ -56,12 +56,22 @@ def command(workdir, data_dir):
   ]
 
 
-def environment():
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A persistent compilation cache shared by this module's runs."""
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def environment(cache_dir):
   env = dict(os.environ)
   env["XLA_FLAGS"] = (
       "--xla_force_host_platform_device_count=1"  # one device, fast compile
   )
   env["PYTHONUNBUFFERED"] = "1"
+  # The five sessions compile the same programs: once is enough.
+  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
   return env
 
 
@@ -76,10 +86,10 @@ def last_logged_step(workdir):
   return max(steps, default=0)
 
 
-def run_to_completion(workdir, data_dir):
+def run_to_completion(workdir, data_dir, cache_dir):
   done = subprocess.run(
       command(workdir, data_dir),
-      env=environment(),
+      env=environment(cache_dir),
       capture_output=True,
       text=True,
       timeout=300,
@@ -92,11 +102,11 @@ def run_to_completion(workdir, data_dir):
   assert summary["status"] == "completed" and summary["step"] == STEPS
 
 
-def interrupt(workdir, data_dir, sig, after_step):
+def interrupt(workdir, data_dir, cache_dir, sig, after_step):
   """Starts a run, sends `sig` once it has logged `after_step`, returns the exit code."""
   process = subprocess.Popen(
       command(workdir, data_dir),
-      env=environment(),
+      env=environment(cache_dir),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
       text=True,
@@ -160,17 +170,19 @@ def assert_same_metrics(workdir, reference):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(digits_dir, tmp_path_factory):
+def uninterrupted(digits_dir, cache_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  run_to_completion(workdir, digits_dir)
+  run_to_completion(workdir, digits_dir, cache_dir)
   return workdir
 
 
 def test_sigterm_saves_exits_and_resumes_identically(
-    digits_dir, uninterrupted, tmp_path
+    digits_dir, cache_dir, uninterrupted, tmp_path
 ):
   workdir = str(tmp_path / "run")
-  code = interrupt(workdir, digits_dir, signal.SIGTERM, after_step=15)
+  code = interrupt(
+      workdir, digits_dir, cache_dir, signal.SIGTERM, after_step=15
+  )
   assert code == 0  # a clean exit after saving
   saved = sorted(
       int(d)
@@ -180,18 +192,20 @@ def test_sigterm_saves_exits_and_resumes_identically(
   assert (
       saved and 15 <= saved[-1] < STEPS
   )  # the off-cadence preemption checkpoint
-  run_to_completion(workdir, digits_dir)
+  run_to_completion(workdir, digits_dir, cache_dir)
   assert_same_state(final_state(workdir), final_state(uninterrupted))
   assert_same_metrics(workdir, uninterrupted)
 
 
 def test_sigkill_resumes_from_the_last_checkpoint_identically(
-    digits_dir, uninterrupted, tmp_path
+    digits_dir, cache_dir, uninterrupted, tmp_path
 ):
   workdir = str(tmp_path / "run")
-  code = interrupt(workdir, digits_dir, signal.SIGKILL, after_step=25)
+  code = interrupt(
+      workdir, digits_dir, cache_dir, signal.SIGKILL, after_step=25
+  )
   assert code == -signal.SIGKILL
-  run_to_completion(workdir, digits_dir)
+  run_to_completion(workdir, digits_dir, cache_dir)
   assert_same_state(final_state(workdir), final_state(uninterrupted))
   assert_same_metrics(workdir, uninterrupted)
 
