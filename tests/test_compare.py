@@ -13,10 +13,10 @@ from __future__ import annotations
 import csv
 import re
 
+import compile_cache
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 import cram_jax
 from cram_jax import models
@@ -50,22 +50,8 @@ ONESHOT = {
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache_for_this_module(tmp_path_factory):
   """A persistent compilation cache: the second run compiles nothing new."""
-  names = (
-      "jax_compilation_cache_dir",
-      "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes",
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()
-  jax.config.update(
-      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  with compile_cache.cache_in(tmp_path_factory.mktemp("jax_cache")):
+    yield
 
 
 def expected_columns():

@@ -7,18 +7,18 @@ three are different programs, see tests/parallel_checks.py), and under `pmap` ev
 replica computes the same mask at every step.
 """
 
+import compile_cache
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from parallel_checks import (
-    LOSS_RTOL,
-    assert_close_relative_to_change,
-    assert_same_masks,
-    masks_by_step,
-    spy_on_masks,
+  LOSS_RTOL,
+  assert_close_relative_to_change,
+  assert_same_masks,
+  masks_by_step,
+  spy_on_masks,
 )
 
 import cram_jax
@@ -41,22 +41,8 @@ def compilation_cache_for_this_module(tmp_path_factory):
   host callback, are never cached. Config and cache state are restored
   afterwards.
   """
-  names = (
-      "jax_compilation_cache_dir",
-      "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes",
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()  # forget an earlier "no cache" decision
-  jax.config.update(
-      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  with compile_cache.cache_in(tmp_path_factory.mktemp("jax_cache")):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -21,17 +21,17 @@ import os
 import re
 import string
 
+import compile_cache
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from jax.experimental.compilation_cache import compilation_cache
 from parallel_checks import (
-    LOSS_RTOL,
-    assert_close_relative_to_change,
-    assert_same_masks,
-    masks_by_step,
-    spy_on_masks,
+  LOSS_RTOL,
+  assert_close_relative_to_change,
+  assert_same_masks,
+  masks_by_step,
+  spy_on_masks,
 )
 
 import cram_jax
@@ -60,22 +60,8 @@ def compilation_cache_for_this_module(tmp_path_factory):
   evaluation programs; on CPU each of these costs seconds. The cache returns the same executables, so what
   is tested does not change. Config and cache state are restored afterwards.
   """
-  names = (
-      "jax_compilation_cache_dir",
-      "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes",
-  )
-  saved = {name: getattr(jax.config, name) for name in names}
-  compilation_cache.reset_cache()  # forget an earlier "no cache" decision
-  jax.config.update(
-      "jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache"))
-  )
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  with compile_cache.cache_in(tmp_path_factory.mktemp("jax_cache")):
+    yield
 
 
 @contextlib.contextmanager
