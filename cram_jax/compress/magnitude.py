@@ -236,45 +236,15 @@ def _topk_masks(
 
   # 1. Bracket the threshold on a strided sample (about 1 weight in 64, each
   # standing for as many): searches for ranks a margin above and below k.
+  # Leaves too small to sample much skip this (one compiled loop fewer).
   steps = [_sample_steps(v.shape, shard_counts(v)) for v in views]
-  samples = [_take_sample(v, st) for v, st in zip(views, steps)]
   stride = np.asarray([int(np.prod(st)) for st in steps])
-  group_stride = stride if per_leaf else stride.max(keepdims=True)
-  rest = jnp.minimum(k, group_sizes - k).astype(jnp.float32)
-  margin = (4 * np.sqrt(group_stride) * jnp.sqrt(rest)).astype(jnp.int32)
-  margin = margin + 2 * group_stride
-  sample_count = counter(samples, [int(r) for r in stride], False)
-
-  def both_targets(key_cand, index_cand, live):
-    # (2 groups, c) candidates -> one count of (groups, 2c), split back.
-    del index_cand
-    pairs = jnp.concatenate(jnp.split(key_cand, 2), axis=1)
-    live = jnp.logical_or(*jnp.split(live, 2))
-    counts = sample_count(pairs, None, live)
-    return jnp.concatenate(jnp.split(counts, 2, axis=1))
-
-  targets = jnp.concatenate(
-      [jnp.minimum(k + margin, group_sizes), jnp.maximum(k - margin, 1)]
-  )
-  twice = np.tile(group_sizes, 2)
   wide = 2 ** (jnp.iinfo(itype).bits - 10)  # a binade of float32, bfloat16
-  found, found_top, _ = _search(
-      both_targets,
-      targets,
-      np.ones_like(twice),
-      jnp.zeros(twice.shape, itype),
-      jnp.full(twice.shape, top_key, itype),
-      jnp.asarray(twice, jnp.int32),
-      wide=wide,
-      within=np.tile(stride if per_leaf else group_stride, 2),
-      c=_SAMPLE_CANDIDATES,
+  first = (
+      _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, itype)
+      if (sizes // stride).sum() * 8 <= sizes.sum()
+      else None
   )
-  below = found[:num_groups]
-  above = jnp.minimum(found_top[num_groups:], top_key - 1) + 1
-  share = jnp.linspace(0.0, 1.0, _CANDIDATES, dtype=jnp.float32)
-  first = below[:, None] + (
-      (above - below).astype(jnp.float32)[:, None] * share
-  ).astype(itype)
 
   # 2. The exact cut on all weights: the key, then among equal keys the flat
   # index (random floats rarely tie there: the search then ends on a key with
@@ -300,6 +270,54 @@ def _topk_masks(
     cut = jnp.where(none_kept[g], 0, cut)
     masks.append((b > t) | ((b == t) & (_flat_index(b.shape) < cut)))
   return masks
+
+
+def _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, itype):
+  """Per group, ``_CANDIDATES`` keys spanning the threshold's likely range.
+
+  Found on the strided sample of every view (``steps`` per axis, ``stride``
+  weights each sampled weight stands for): the keys at ranks 4 standard
+  deviations of the sample's error above and below ``k``. Only a guess: the
+  search on all weights starts from it and recovers if it is wrong.
+  """
+  num_groups = len(k)
+  top_key = 2 ** (jnp.iinfo(itype).bits - 1) - 1
+  samples = [_take_sample(v, st) for v, st in zip(views, steps)]
+  group_stride = stride if per_leaf else stride.max(keepdims=True)
+  rest = jnp.minimum(k, group_sizes - k).astype(jnp.float32)
+  margin = (4 * np.sqrt(group_stride) * jnp.sqrt(rest)).astype(jnp.int32)
+  margin = margin + 2 * group_stride
+  sample_count = counter(samples, [int(r) for r in stride], False)
+
+  def both_targets(key_cand, index_cand, live):
+    # (2 groups, c) candidates -> one count of (groups, 2c), split back.
+    del index_cand
+    pairs = jnp.concatenate(jnp.split(key_cand, 2), axis=1)
+    live = jnp.logical_or(*jnp.split(live, 2))
+    counts = sample_count(pairs, None, live)
+    return jnp.concatenate(jnp.split(counts, 2, axis=1))
+
+  targets = jnp.concatenate(
+      [jnp.minimum(k + margin, group_sizes), jnp.maximum(k - margin, 1)]
+  )
+  twice = np.tile(group_sizes, 2)
+  found, found_top, _ = _search(
+      both_targets,
+      targets,
+      np.ones_like(twice),
+      jnp.zeros(twice.shape, itype),
+      jnp.full(twice.shape, top_key, itype),
+      jnp.asarray(twice, jnp.int32),
+      wide=2 ** (jnp.iinfo(itype).bits - 10),
+      within=np.tile(group_stride, 2),
+      c=_SAMPLE_CANDIDATES,
+  )
+  below = found[:num_groups]
+  above = jnp.minimum(found_top[num_groups:], top_key - 1) + 1
+  share = jnp.linspace(0.0, 1.0, _CANDIDATES, dtype=jnp.float32)
+  return below[:, None] + (
+      (above - below).astype(jnp.float32)[:, None] * share
+  ).astype(itype)
 
 
 def _sample_steps(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[int]:
