@@ -14,11 +14,11 @@ import numpy as np
 import optax
 import pytest
 from parallel_checks import (
-  LOSS_RTOL,
-  assert_close_relative_to_change,
-  assert_same_masks,
-  masks_by_step,
-  spy_on_masks,
+    LOSS_RTOL,
+    assert_close_relative_to_change,
+    assert_same_masks,
+    masks_by_step,
+    spy_on_masks,
 )
 
 import cram_jax

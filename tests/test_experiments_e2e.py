@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from parallel_checks import (
-  LOSS_RTOL,
-  assert_close_relative_to_change,
-  assert_same_masks,
-  masks_by_step,
-  spy_on_masks,
+    LOSS_RTOL,
+    assert_close_relative_to_change,
+    assert_same_masks,
+    masks_by_step,
+    spy_on_masks,
 )
 
 import cram_jax
