@@ -35,3 +35,13 @@ def cache_in(directory: str | os.PathLike):
     for name, value in saved.items():
       jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+def subprocess_env(directory: str | os.PathLike) -> dict[str, str]:
+  """Environment variables that make a child process cache every compilation
+  in ``directory`` (runs of one test that compile the same programs)."""
+  return {
+      "JAX_COMPILATION_CACHE_DIR": str(directory),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+  }

@@ -22,6 +22,7 @@ import sys
 import time
 import types
 
+import compile_cache
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -508,9 +509,7 @@ def environment(cache_dir):
   )
   env["PYTHONUNBUFFERED"] = "1"
   # The three sessions of a test compile the same programs: once is enough.
-  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  env.update(compile_cache.subprocess_env(cache_dir))
   return env
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import compile_cache
 import jax
 import ml_collections
 import numpy as np
@@ -69,9 +70,7 @@ def environment(cache_dir):
   )
   env["PYTHONUNBUFFERED"] = "1"
   # The five sessions compile the same programs: once is enough.
-  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  env.update(compile_cache.subprocess_env(cache_dir))
   return env
 
 

@@ -239,7 +239,7 @@ def _topk_masks(
   stride = np.asarray([int(np.prod(st)) for st in steps])
   wide = 2 ** (jnp.iinfo(itype).bits - 10)  # a binade of float32, bfloat16
   first = (
-      _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, itype)
+      _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, wide)
       if (sizes // stride).sum() * 8 <= sizes.sum()
       else None
   )
@@ -261,7 +261,7 @@ def _topk_masks(
   masks = []
   for i, x in enumerate(leaves):
     g = group_of[i]
-    b = _bits(x, ftype, itype)
+    b = keys(x)
     t = threshold[g]
     # Entries equal to t are kept up to flat index group size - 1 - index_cut.
     cut = jnp.int32(group_sizes[g] - offsets[i]) - index_cut[g]
@@ -270,15 +270,17 @@ def _topk_masks(
   return masks
 
 
-def _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, itype):
+def _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, wide):
   """Per group, ``_CANDIDATES`` keys spanning the threshold's likely range.
 
   Found on the strided sample of every view (``steps`` per axis, ``stride``
-  weights each sampled weight stands for): the keys at ranks 4 standard
+  weights each sampled weight stands for; ``wide`` as in :func:`_search`):
+  the keys at ranks 4 standard
   deviations of the sample's error above and below ``k``. Only a guess: the
   search on all weights starts from it and recovers if it is wrong.
   """
   num_groups = len(k)
+  itype = _key_types(views)[1]
   top_key = 2 ** (jnp.iinfo(itype).bits - 1) - 1
   samples = [_take_sample(v, st) for v, st in zip(views, steps)]
   group_stride = stride if per_leaf else stride.max(keepdims=True)
@@ -306,7 +308,7 @@ def _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, itype):
       jnp.zeros(twice.shape, itype),
       jnp.full(twice.shape, top_key, itype),
       jnp.asarray(twice, jnp.int32),
-      wide=2 ** (jnp.iinfo(itype).bits - 10),
+      wide=wide,
       within=np.tile(group_stride, 2),
   )
   below = found[:num_groups]
