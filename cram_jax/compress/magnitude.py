@@ -24,7 +24,6 @@ count vectors. docs/masks.md has the details.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -139,6 +138,17 @@ def _count_rows(
   )
 
 
+def _opaque(values: np.ndarray) -> tuple[jax.Array, ...]:
+  """``values`` as traced int32 scalars, not constants.
+
+  Per-leaf numbers (a group, a flat offset) given this way to a ``lax.cond``
+  stay parameters of its branches (a constant would be folded into each
+  branch), so same-shaped leaves compile to one shared kernel instead of one
+  each: XLA's compile time grows with the number of distinct kernels.
+  """
+  return lax.optimization_barrier(tuple(jnp.int32(v) for v in values))
+
+
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   """Row-major flat index of every entry, built from iotas in ``shape`` itself."""
   index, stride = jnp.zeros(shape, jnp.int32), 1
@@ -194,41 +204,65 @@ def _topk_masks(
     return _bits(view, ftype, itype)
 
   def counter(arrays, weights, full):
-    """``count(key_cand, index_cand, live)``: per group, the (weighted)
-    entries at or before each candidate ``(key, i)`` in the ranking: a larger
-    key, or the same key and a flat index at most ``group size - 1 - i``."""
+    """``count(key_cand, index_cand, read)``: per leaf, the (weighted) entries
+    at or before each of its group's candidates ``(key, i)`` in the ranking: a
+    larger key, or the same key and a flat index at most ``group size - 1 -
+    i``. Only leaves with ``read`` set are counted (the search knows the
+    others' counts)."""
 
-    def count_leaf(i, a, key_cand, index_cand):
+    def count_leaf(a, at, bound, weight):
       # full: all weights, ranked by key then flat index. Else a sample (keys
       # only), small and with short axes: a plain int32 sum.
-      g = group_of[i]
       b = keys(a)[:, None]
-      at = _per_candidate(key_cand[g], a.ndim)
+      at = _per_candidate(at, a.ndim)
       if full:
-        last = int(group_sizes[g] - 1 - offsets[i])
-        bound = _per_candidate(last - index_cand[g], a.ndim)
+        bound = _per_candidate(bound, a.ndim)
         index = _flat_index(a.shape[1:])[None, None]
         before = (b > at) | ((b == at) & (index <= bound))
       else:
         before = b >= at
-      return _count_rows(before, 2, runs=full) * weights[i]
+      return _count_rows(before, 2, runs=full) * weight
 
-    def count(key_cand, index_cand, live):
+    leaf_group = _opaque(group_of)
+    leaf_last = _opaque(group_sizes[group_of] - 1 - offsets)
+
+    def count(key_cand, index_cand, read):
+      at = key_cand[group_of]
+      if not full:
+        return jnp.concatenate(
+            [
+                count_leaf(a, at[i], None, weights[i])
+                for i, a in enumerate(arrays)
+            ]
+        )
+
+      # The leaf's group and flat offset are operands of its branch, not
+      # constants in it, so leaves of one shape share one compiled kernel.
+      def branch(a, key_cand, index_cand, g, last):
+        at = lax.dynamic_index_in_dim(key_cand, g, keepdims=False)
+        index_cand = lax.dynamic_index_in_dim(index_cand, g, keepdims=False)
+        return count_leaf(a, at, last - index_cand, 1)
+
+      unread = np.zeros((1, key_cand.shape[1]), np.int32)
       rows = []
       for i, a in enumerate(arrays):
-        if per_leaf:
-          # Layer-wise, a leaf whose group is settled is not read again.
-          rows.append(
-              lax.cond(
-                  live[i],
-                  functools.partial(count_leaf, i, a, key_cand, index_cand),
-                  lambda: jnp.zeros((1, key_cand.shape[1]), jnp.int32),
-              )
-          )
-        else:
-          rows.append(count_leaf(i, a, key_cand, index_cand))
-      counts = jnp.concatenate(rows)
-      return counts if per_leaf else jnp.sum(counts, axis=0, keepdims=True)
+        # A leaf is read only while entries of it lie between the search's
+        # ends. The condition also keeps XLA from hoisting the leaf's flat
+        # indices out of the loop (a stored int32 copy of the leaf, read on
+        # every pass).
+        rows.append(
+            lax.cond(
+                read[i],
+                branch,
+                lambda *_: unread,
+                a,
+                key_cand,
+                index_cand,
+                leaf_group[i],
+                leaf_last[i],
+            )
+        )
+      return jnp.concatenate(rows)
 
     return count
 
@@ -239,7 +273,7 @@ def _topk_masks(
   stride = np.asarray([int(np.prod(st)) for st in steps])
   wide = 2 ** (jnp.iinfo(itype).bits - 10)  # a binade of float32, bfloat16
   first = (
-      _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, wide)
+      _bracket(views, steps, stride, k, group_of, group_sizes, counter, wide)
       if (sizes // stride).sum() * 8 <= sizes.sum()
       else None
   )
@@ -252,62 +286,88 @@ def _topk_masks(
       counter(views, [1] * len(views), True),
       k,
       group_sizes,
+      group_of,
       jnp.where(none_kept, top_key, 0).astype(itype),
       jnp.full((num_groups,), top_key, itype),
-      jnp.where(none_kept, 0, jnp.asarray(group_sizes, jnp.int32)),
+      jnp.where(none_kept[group_of], 0, jnp.asarray(sizes, jnp.int32)),
       first=first,
       wide=wide,
   )
-  masks = []
-  for i, x in enumerate(leaves):
-    g = group_of[i]
+
+  def mask(x, threshold, index_cut, none_kept, g, end):
     b = keys(x)
-    t = threshold[g]
+    t = lax.dynamic_index_in_dim(threshold, g, keepdims=False)
     # Entries equal to t are kept up to flat index group size - 1 - index_cut.
-    cut = jnp.int32(group_sizes[g] - offsets[i]) - index_cut[g]
-    cut = jnp.where(none_kept[g], 0, cut)
-    masks.append((b > t) | ((b == t) & (_flat_index(b.shape) < cut)))
+    cut = end - lax.dynamic_index_in_dim(index_cut, g, keepdims=False)
+    none = lax.dynamic_index_in_dim(none_kept, g, keepdims=False)
+    cut = jnp.where(none, 0, cut)
+    return (b > t) | ((b == t) & (_flat_index(b.shape) < cut))
+
+  # Each mask sits in a branch that always runs (keys are never negative), so
+  # that the leaf's group and offset stay parameters and leaves of one shape
+  # share one kernel (see _opaque).
+  always = threshold[0] >= 0
+  leaf_group = _opaque(group_of)
+  leaf_end = _opaque(group_sizes[group_of] - offsets)
+  masks = [
+      lax.cond(
+          always,
+          mask,
+          mask,  # never taken; the same computation, so no kernel of its own
+          x,
+          threshold,
+          index_cut,
+          none_kept,
+          leaf_group[i],
+          leaf_end[i],
+      )
+      for i, x in enumerate(leaves)
+  ]
   return masks
 
 
-def _bracket(views, steps, stride, k, per_leaf, group_sizes, counter, wide):
+def _bracket(views, steps, stride, k, group_of, group_sizes, counter, wide):
   """Per group, ``_CANDIDATES`` keys spanning the threshold's likely range.
 
   Found on the strided sample of every view (``steps`` per axis, ``stride``
   weights each sampled weight stands for; ``wide`` as in :func:`_search`):
-  the keys at ranks 4 standard
-  deviations of the sample's error above and below ``k``. Only a guess: the
-  search on all weights starts from it and recovers if it is wrong.
+  the keys at ranks 4 standard deviations of the sample's error above and
+  below ``k``. Only a guess: the search on all weights starts from it and
+  recovers if it is wrong.
   """
   num_groups = len(k)
   itype = _key_types(views)[1]
   top_key = 2 ** (jnp.iinfo(itype).bits - 1) - 1
   samples = [_take_sample(v, st) for v, st in zip(views, steps)]
-  group_stride = stride if per_leaf else stride.max(keepdims=True)
+  group_stride = np.zeros(num_groups, int)  # the coarsest sample in a group
+  np.maximum.at(group_stride, group_of, stride)
   rest = jnp.minimum(k, group_sizes - k).astype(jnp.float32)
   margin = (4 * np.sqrt(group_stride) * jnp.sqrt(rest)).astype(jnp.int32)
   margin = margin + 2 * group_stride
   sample_count = counter(samples, [int(r) for r in stride], False)
 
-  def both_targets(key_cand, index_cand, live):
-    # (2 groups, c) candidates -> one count of (groups, 2c), split back.
-    del index_cand
+  def both_targets(key_cand, index_cand, read):
+    # Two searches (groups 0..G-1 and G..2G-1) share one pass: every leaf
+    # counts its group's candidates of both, (L, 2c), split back to (2L, c).
+    del index_cand, read
     pairs = jnp.concatenate(jnp.split(key_cand, 2), axis=1)
-    live = jnp.logical_or(*jnp.split(live, 2))
-    counts = sample_count(pairs, None, live)
-    return jnp.concatenate(jnp.split(counts, 2, axis=1))
+    return jnp.concatenate(
+        jnp.split(sample_count(pairs, None, None), 2, axis=1)
+    )
 
   targets = jnp.concatenate(
       [jnp.minimum(k + margin, group_sizes), jnp.maximum(k - margin, 1)]
   )
   twice = np.tile(group_sizes, 2)
+  sizes = np.asarray([int(np.prod(v.shape)) for v in views])
   found, found_top, _ = _search(
       both_targets,
       targets,
       np.ones_like(twice),
+      np.concatenate([group_of, group_of + num_groups]),
       jnp.zeros(twice.shape, itype),
       jnp.full(twice.shape, top_key, itype),
-      jnp.asarray(twice, jnp.int32),
+      jnp.asarray(np.tile(sizes, 2), jnp.int32),
       wide=wide,
       within=np.tile(group_stride, 2),
   )
@@ -392,13 +452,25 @@ def _interpolate(lo, top, cnt_lo, cnt_up, target, even):
   return lo[:, None] + offset
 
 
+def _group_sum(per_leaf: jax.Array, group_of: np.ndarray, num_groups: int):
+  """Sums the rows of ``per_leaf`` (one per leaf) into one per group."""
+  if num_groups == len(group_of):  # one leaf per group
+    return per_leaf
+  if num_groups == 1:
+    return jnp.sum(per_leaf, axis=0, keepdims=True)
+  return jax.ops.segment_sum(
+      per_leaf, group_of, num_groups, indices_are_sorted=True
+  )
+
+
 def _search(
     count,
     target,
     size,
+    group_of,
     key_lo,
     key_top,
-    cnt_lo,
+    leaf_lo,
     first=None,
     wide=None,
     within=0,
@@ -406,12 +478,13 @@ def _search(
   """Per group, the ``target``-th entry in the ranking (key desc, index asc).
 
   A position in the ranking is a pair ``(key, i)`` standing for the entries
-  of that key and flat index at most ``size - 1 - i``; ``count(key_cand,
-  index_cand, live)`` maps ``(groups, c)`` candidate pairs to how many entries
-  rank at or before each (non-increasing along the ranking); it may skip the
-  groups that are not ``live``. On entry, per group,
-  ``cnt_lo = count(key_lo, 0) >= target`` and no entry has a key above
-  ``key_top``.
+  of that key and flat index at most ``size - 1 - i``. Leaf ``l`` belongs to
+  group ``group_of[l]``; ``count(key_cand, index_cand, read)`` maps ``(groups,
+  c)`` candidate pairs to ``(leaves, c)`` counts of the entries of each leaf
+  at or before each candidate (non-increasing along the ranking), and may skip
+  the leaves that are not ``read``. On entry, per group, no entry has a key
+  above ``key_top``, and ``leaf_lo`` holds, per leaf, the count at ``(key_lo,
+  0)``, which sums to at least ``target``.
 
   Each pass counts ``_CANDIDATES`` candidates and keeps the part where the
   count crosses ``target``: first between keys, then, once one key is left
@@ -424,6 +497,12 @@ def _search(
   (where the count is far from linear in the key), is followed by a pass with
   evenly spaced candidates, so the interval shrinks geometrically.
 
+  The per-leaf counts at both ends are kept: a leaf whose counts there are
+  equal has no entry in between, so its count at any candidate is known and
+  it is not read. Near the end, few leaves are read: those holding the last
+  entries in play, or with ties, the leaves where the tied entries' flat
+  indices are still open.
+
   With ``within``, a group also stops once at most that many entries are
   left between the ends (a bracket is enough).
 
@@ -431,18 +510,27 @@ def _search(
   and the interval's last key.
   """
   size = jnp.asarray(size, jnp.int32)
+  num_groups = len(size)
+
+  def totals(s):
+    return (
+        _group_sum(s[5], group_of, num_groups),
+        _group_sum(s[6], group_of, num_groups),
+    )
+
   state = (
       key_lo,
       key_top,
       jnp.where(key_lo == key_top, size, 0),
       jnp.where(key_lo == key_top, size, size - 1),
-      cnt_lo,
-      jnp.zeros_like(cnt_lo),
-      jnp.zeros(cnt_lo.shape, bool),
+      jnp.zeros(size.shape, bool),
+      leaf_lo,
+      jnp.zeros_like(leaf_lo),
   )
 
   def active(s):
-    key_lo, key_top, i_lo, i_top, cnt_lo, cnt_up = s[:6]
+    key_lo, key_top, i_lo, i_top = s[:4]
+    cnt_lo, cnt_up = totals(s)
     return (
         (cnt_lo != target)
         & ((key_lo < key_top) | (i_lo < i_top))
@@ -450,7 +538,8 @@ def _search(
     )
 
   def candidates(s, key_first=None):
-    key_lo, key_top, i_lo, i_top, cnt_lo, cnt_up, even = s
+    key_lo, key_top, i_lo, i_top, even, leaf_lo, leaf_up = s
+    cnt_lo, cnt_up = totals(s)
     on_keys = key_lo < key_top
     live = active(s)
     if key_first is None:
@@ -463,14 +552,20 @@ def _search(
         index_cand,
         jnp.where(on_keys, 0, i_lo)[:, None],
     )
-    return key_cand, index_cand
+    read = live[group_of] & (leaf_lo != leaf_up)
+    return key_cand, index_cand, read
 
   def body(carry):
-    s, (key_cand, index_cand) = carry
-    key_lo, key_top, i_lo, i_top, cnt_lo, cnt_up, _ = s
+    s, (key_cand, index_cand, read) = carry
+    key_lo, key_top, i_lo, i_top, _, leaf_lo, leaf_up = s
+    cnt_lo, cnt_up = totals(s)
     on_keys = (key_lo < key_top)[:, None]
     live = active(s)
-    counts = count(key_cand, index_cand, live)
+    leaf_counts = jnp.where(
+        read[:, None], count(key_cand, index_cand, read), leaf_lo[:, None]
+    )
+    counts = _group_sum(leaf_counts, group_of, num_groups)
+    # Counts fall along the candidates: those reaching target are a prefix.
     ok = counts >= target[:, None]
     new_key_lo = jnp.max(jnp.where(ok, key_cand, key_lo[:, None]), axis=1)
     new_key_top = jnp.min(
@@ -482,8 +577,19 @@ def _search(
     new_i_top = jnp.min(
         jnp.where(ok | on_keys, i_top[:, None], index_cand - 1), axis=1
     )
-    new_cnt_lo = jnp.min(jnp.where(ok, counts, cnt_lo[:, None]), axis=1)
-    new_cnt_up = jnp.max(jnp.where(ok, cnt_up[:, None], counts), axis=1)
+    # The per-leaf counts at the new ends: the last candidate reaching target
+    # and the first one short of it.
+    num_ok = jnp.sum(ok, axis=1)[group_of]
+    c = key_cand.shape[1]
+
+    def at(j):
+      picked = jnp.clip(j, 0, c - 1)[:, None]
+      return jnp.take_along_axis(leaf_counts, picked, axis=1)[:, 0]
+
+    new_leaf_lo = jnp.where(num_ok > 0, at(num_ok - 1), leaf_lo)
+    new_leaf_up = jnp.where(num_ok < c, at(num_ok), leaf_up)
+    new_cnt_lo = _group_sum(new_leaf_lo, group_of, num_groups)
+    new_cnt_up = _group_sum(new_leaf_up, group_of, num_groups)
     # Interpolation missed (more than half the entries still in play): the
     # next pass splits the interval evenly; not the first pass among the
     # flat indices of one key, whose count was never interpolated.
@@ -491,21 +597,17 @@ def _search(
     keys_just_closed = on_keys[:, 0] & (new_key_lo == new_key_top)
     even = missed & ~keys_just_closed
     # A settled group keeps its state (its leaves may not have been counted).
-    s = tuple(
+    groups = tuple(
         jnp.where(live, new, old)
         for new, old in zip(
-            (
-                new_key_lo,
-                new_key_top,
-                new_i_lo,
-                new_i_top,
-                new_cnt_lo,
-                new_cnt_up,
-                even,
-            ),
-            s,
+            (new_key_lo, new_key_top, new_i_lo, new_i_top, even), s[:5]
         )
     )
+    leaves = tuple(
+        jnp.where(live[group_of], new, old)
+        for new, old in zip((new_leaf_lo, new_leaf_up), s[5:])
+    )
+    s = groups + leaves
     return s, candidates(s)
 
   s, _ = lax.while_loop(
