@@ -107,20 +107,22 @@ def compress_with(
   )
 
 
-def check_sparsity(value: Any, owner: str) -> None:
-  """A sparsity must be a real scalar in [0, 1].
+def check_sparsity(value: Any, owner: str) -> Any:
+  """A sparsity must be a real scalar in [0, 1]; returns it.
 
   Concrete values are checked here (ValueError/TypeError). A traced value gets
-  a run-time check (:func:`validate.check_traced_range`): out of range or NaN
-  raises when the compiled function runs, instead of being clipped.
+  a run-time check (:func:`validate.check_traced_range`) that is part of the
+  returned value: out of range or NaN raises when the compiled function runs,
+  instead of being clipped.
   """
   value = validate.check_real(value, "sparsity", owner)
   if validate.is_traced(value):
-    validate.check_traced_range(
+    return validate.check_traced_range(
         value, 0.0, 1.0, f"{owner}: sparsity must be in [0, 1], got "
     )
-  elif not 0.0 <= value <= 1.0:  # NaN fails too
+  if not 0.0 <= value <= 1.0:  # NaN fails too
     raise ValueError(f"{owner}: sparsity must be in [0, 1], got {value!r}")
+  return value
 
 
 def kept_count(sparsity: Any, size: int) -> Any:
@@ -157,9 +159,12 @@ def as_levels(sparsity: Any, owner: str) -> tuple[Any, ...]:
     levels = (sparsity,)
   if not levels:
     raise ValueError(f"{owner}: the list of sparsity levels is empty")
+  checked = []
   for s in levels:
-    check_sparsity(s, owner)
-  return levels
+    value = check_sparsity(s, owner)
+    # A traced level carries its run-time check; a concrete one stays as given.
+    checked.append(value if validate.is_traced(s) else s)
+  return tuple(checked)
 
 
 def sample_index(key: Any, n: int, owner: str) -> jax.Array:

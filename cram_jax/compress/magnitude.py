@@ -644,14 +644,15 @@ def _level_counts(levels: tuple[Any, ...], size: int) -> jax.Array | int:
   return jnp.stack([jnp.asarray(c, jnp.int32) for c in counts])
 
 
-def check_level(level: Any, num_levels: int, owner: str) -> None:
-  """Checks ``level``, an index into the ``num_levels`` sparsities.
+def check_level(level: Any, num_levels: int, owner: str) -> Any:
+  """Checks ``level``, an index into the ``num_levels`` sparsities; returns it.
 
   A concrete level (a Python or NumPy int, a concrete integer array) out of
   range is a ValueError here, before any tracing. A traced level is checked
   for dtype and shape at trace time and for its range at run time: out of
-  range raises when the compiled function runs (a ``JaxRuntimeError`` carrying
-  the message; see :func:`validate.check_traced_range`), never a clamp.
+  range raises when the compiled function runs (a ``ValueError`` carrying
+  the message on CPU; see :func:`validate.check_traced_range`, part of the returned
+  level), never a clamp.
   """
   message = (
       f"{owner}: level must index one of the {num_levels} sparsities "
@@ -672,9 +673,10 @@ def check_level(level: Any, num_levels: int, owner: str) -> None:
         f"{owner}: level must be a scalar index, got shape {np.shape(level)}"
     )
   if validate.is_traced(level):
-    validate.check_traced_range(level, 0, num_levels - 1, message)
-  elif not 0 <= int(level) < num_levels:
+    return validate.check_traced_range(level, 0, num_levels - 1, message)
+  if not 0 <= int(level) < num_levels:
     raise ValueError(f"{message}{int(level)}")
+  return level
 
 
 def _level_index(key: Any, level: Any, num_levels: int, owner: str) -> Any:
@@ -683,8 +685,7 @@ def _level_index(key: Any, level: Any, num_levels: int, owner: str) -> Any:
     return base.sample_index(key, num_levels, owner)
   if key is not None:
     base.as_key(key, owner)
-  check_level(level, num_levels, owner)
-  return jnp.asarray(level, jnp.int32)
+  return jnp.asarray(check_level(level, num_levels, owner), jnp.int32)
 
 
 def _attach_checks(compress: Any, levels: tuple[Any, ...], owner: str) -> None:
@@ -735,7 +736,7 @@ def global_magnitude(
     ``level`` picks ``sparsity[level]`` instead of sampling (it may be traced, so
     one compiled function sweeps every level with exact counts). A concrete
     ``level`` out of range is a ValueError at once; a traced one is checked
-    when the compiled function runs and raises there (a ``JaxRuntimeError``
+    when the compiled function runs and raises there (a ``ValueError``
     with the same message), never clamped: see :func:`check_level`.
     ``compress.levels`` is the tuple of sparsities.
 

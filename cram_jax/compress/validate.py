@@ -354,29 +354,38 @@ def _raise_out_of_range(value, low, high, message):
   bad = ~((value >= low) & (value <= high))  # NaN is bad too
   if np.any(bad):
     raise ValueError(f"{message}{value[bad].ravel()[0]}")
+  return value
 
 
-def check_traced_range(value: Any, low: Any, high: Any, message: str) -> None:
-  """Raises ``ValueError(message + offending value)`` at run time when a traced
-  value leaves ``[low, high]`` (or is NaN).
+def check_traced_range(
+    value: Any, low: Any, high: Any, message: str
+) -> jax.Array:
+  """``value``, raising ``ValueError(message + offending value)`` at run time
+  if it leaves ``[low, high]`` (or is NaN). Use the returned value: the check
+  is part of it (XLA drops a check whose result is unused).
 
   A traced value cannot be checked at trace time. The check is a compare and a
-  ``lax.cond`` whose taken branch runs a host ``jax.debug.callback`` only for a
-  bad value: no host round trip otherwise. Under plain ``jax.jit`` the error
-  surfaces as a ``JaxRuntimeError`` carrying ``message`` (``checkify`` would
-  need the caller to wrap the function, and would otherwise fail or stay
-  silent).
+  ``lax.cond`` whose taken branch passes the value through a host
+  ``jax.pure_callback`` that raises, only for a bad value: no host round trip
+  otherwise. Under plain ``jax.jit`` on CPU the error surfaces as a
+  ``ValueError`` carrying ``message`` (other backends may wrap it in a
+  ``JaxRuntimeError``) (``checkify`` would need the caller
+  to wrap the function, and would otherwise fail or stay silent). Not a
+  ``jax.debug.callback``: a side-effecting operation anywhere in a program
+  made XLA on CPU run BERT-base's global mask 1.6x slower.
   """
   value = jnp.asarray(value)
   bad = jnp.any(~((value >= low) & (value <= high)))
 
   def report(v):
     # The host re-checks: under vmap the cond runs both branches.
-    jax.debug.callback(
+    return jax.pure_callback(
         functools.partial(
             _raise_out_of_range, low=low, high=high, message=message
         ),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
         v,
+        vmap_method="expand_dims",
     )
 
-  lax.cond(bad, report, lambda v: None, value)
+  return lax.cond(bad, report, lambda v: v, value)
