@@ -62,21 +62,25 @@ def _key_types(leaves: Sequence[jax.Array]) -> tuple[Any, Any]:
 
 
 def _bits(leaf: jax.Array, ftype: Any, itype: Any) -> jax.Array:
-  """``|leaf|`` as order-preserving signed-integer bits of type ``ftype``."""
+  """``|leaf|`` as order-preserving signed-integer bits of type ``ftype``.
+
+  Non-negative IEEE floats order like their bits (NaN above infinity). The
+  sign bit is cleared with an integer mask, which is what ``abs`` does to an
+  IEEE float, but XLA on CPU computes a 16-bit float's ``abs`` in float32 and
+  back, 3-5x slower.
+  """
   if leaf.dtype != ftype:
     leaf = leaf.astype(ftype)  # 16-bit floats embed exactly in float32
-  return sign_cleared_bits(leaf, itype)
+  return lax.bitcast_convert_type(leaf, itype) & jnp.iinfo(itype).max
 
 
-def sign_cleared_bits(x: jax.Array, itype: Any) -> jax.Array:
-  """The bits of float ``x`` with the sign cleared, as the same-width ``itype``.
+def magnitude_keys(x: jax.Array) -> jax.Array:
+  """Integer keys of float ``x`` that order exactly like ``|x|``.
 
-  Ordered like ``|x|`` (non-negative IEEE floats order like their bits; NaN
-  above infinity). Clearing the sign bit with an integer mask is what ``abs``
-  does to an IEEE float, but XLA on CPU computes a 16-bit float's ``abs`` in
-  float32 and back, 3-5x slower.
+  The bits of ``|x|`` in ``x``'s own width for 16- and 64-bit floats, in
+  float32 otherwise (see :func:`_key_types`).
   """
-  return lax.bitcast_convert_type(x, itype) & jnp.iinfo(itype).max
+  return _bits(x, *_key_types([x]))
 
 
 def shard_counts(x: Any) -> tuple[int, ...]:
@@ -164,6 +168,19 @@ def _opaque(values: np.ndarray) -> tuple[jax.Array, ...]:
   return lax.optimization_barrier(tuple(jnp.int32(v) for v in values))
 
 
+def _branch_per_leaf(pred, on, off, leaves, shared, per_leaf):
+  """Per leaf ``i``: ``lax.cond(pred[i], on, off, leaf, *shared, *numbers)``.
+
+  ``numbers`` are leaf ``i``'s entries of ``per_leaf`` (tuples from
+  :func:`_opaque`): they reach the branches as operands, not constants, so
+  leaves of one shape share one compiled kernel.
+  """
+  return [
+      lax.cond(pred[i], on, off, x, *shared, *(p[i] for p in per_leaf))
+      for i, x in enumerate(leaves)
+  ]
+
+
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   """Row-major flat index of every entry, built from iotas in ``shape`` itself."""
   index, stride = jnp.zeros(shape, jnp.int32), 1
@@ -211,6 +228,7 @@ def _topk_masks(
     group_of = np.zeros(len(sizes), int)
     offsets = np.cumsum(sizes) - sizes  # flat index of a leaf's first entry
     group_sizes = sizes.sum(keepdims=True)
+  leaf_group = _opaque(group_of)
   # Each leaf as ``(1, *shape)``, a free reshape. Its keys are computed inside
   # every pass (a fused bit operation) and never stored: no copy of the model.
   views = [x[None] for x in leaves]
@@ -231,10 +249,8 @@ def _topk_masks(
       before = keys(a)[:, None] >= _per_candidate(key_cand[group_of[i]], a.ndim)
       return _count_rows(before, 2, runs=False) * weights[i]
 
-    # The leaf's group and flat offset are operands of its branch, not
-    # constants in it, so leaves of one shape share one compiled kernel.
-    leaf_group = _opaque(group_of)
-    leaf_last = _opaque(group_sizes[group_of] - 1 - offsets)
+    if full:  # a leaf's last flat index in its group's ranking
+      leaf_last = _opaque(group_sizes[group_of] - 1 - offsets)
 
     def counted(a, key_cand, index_cand, g, last):
       b = keys(a)[:, None]
@@ -257,21 +273,15 @@ def _topk_masks(
       # A leaf is read only while entries of it lie between the search's ends.
       # The condition also keeps XLA from hoisting the leaf's flat indices out
       # of the loop (a stored int32 copy of the leaf, read on every pass).
-      return jnp.concatenate(
-          [
-              lax.cond(
-                  read[i],
-                  counted,
-                  lambda *_: unread,
-                  a,
-                  key_cand,
-                  index_cand,
-                  leaf_group[i],
-                  leaf_last[i],
-              )
-              for i, a in enumerate(arrays)
-          ]
+      rows = _branch_per_leaf(
+          read,
+          counted,
+          lambda *_: unread,
+          arrays,
+          (key_cand, index_cand),
+          (leaf_group, leaf_last),
       )
+      return jnp.concatenate(rows)
 
     return count
 
@@ -313,8 +323,6 @@ def _topk_masks(
   split = (cuts > 0) & (cuts < sizes)
 
   def cut_of(threshold, index_cut, none_kept, g, end):
-    # Per-leaf numbers from operands (see _opaque), so same-shaped leaves
-    # share the branches' kernels.
     t = lax.dynamic_index_in_dim(threshold, g, keepdims=False)
     none = lax.dynamic_index_in_dim(none_kept, g, keepdims=False)
     index = lax.dynamic_index_in_dim(index_cut, g, keepdims=False)
@@ -328,22 +336,14 @@ def _topk_masks(
     t, cut = cut_of(*numbers)
     return keys(x) > t - (cut >= x.size).astype(itype)
 
-  leaf_group, leaf_end = _opaque(group_of), _opaque(ends)
-  masks = [
-      lax.cond(
-          split[i],
-          split_ties,
-          by_key,
-          x,
-          threshold,
-          index_cut,
-          none_kept,
-          leaf_group[i],
-          leaf_end[i],
-      )
-      for i, x in enumerate(leaves)
-  ]
-  return masks
+  return _branch_per_leaf(
+      split,
+      split_ties,
+      by_key,
+      leaves,
+      (threshold, index_cut, none_kept),
+      (leaf_group, _opaque(ends)),
+  )
 
 
 def _bracket(views, steps, stride, k, group_of, group_sizes, counter, wide):

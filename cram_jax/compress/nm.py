@@ -82,13 +82,12 @@ def nm_mask(x: jax.Array, n: int, m: int, axis: int = -2) -> jax.Array:
 
 
 def _magnitude_keys(x: jax.Array) -> jax.Array:
-  """Keys that order like ``|x|``: a float's bits with the sign cleared, read as
-  a signed integer (what ``abs`` does, without XLA's float32 round trip for
-  16-bit floats on CPU), or ``|x|`` itself for integers."""
+  """Keys that order like ``|x|``: sign-cleared float bits (without XLA's
+  float32 round trip for a 16-bit float's ``abs`` on CPU), or ``|x|`` itself
+  for integers."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
     return jnp.abs(x)
-  itype = {1: jnp.int8, 2: jnp.int16, 4: jnp.int32, 8: jnp.int64}
-  return magnitude.sign_cleared_bits(x, itype[jnp.dtype(x.dtype).itemsize])
+  return magnitude.magnitude_keys(x)
 
 
 @validate.factory
