@@ -107,6 +107,23 @@ def compress_with(
   )
 
 
+def replace_leaves(
+    params: Params, compressed: dict[str, tuple[jax.Array, jax.Array]]
+) -> tuple[Params, Masks]:
+  """``(compressed, masks)`` from ``{path: (compressed leaf, mask)}``.
+
+  For compressors that write each compressed leaf together with its mask (one
+  read of the weights); other leaves are kept as they are, with None masks.
+  """
+  masks = masks_for(params, {name: m for name, (_, m) in compressed.items()})
+  return (
+      jax.tree_util.tree_map_with_path(
+          lambda p, x: compressed.get(select_lib.path_str(p), (x,))[0], params
+      ),
+      masks,
+  )
+
+
 def check_sparsity(value: Any, owner: str) -> Any:
   """A sparsity must be a real scalar in [0, 1]; returns it.
 
