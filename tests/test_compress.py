@@ -1157,6 +1157,31 @@ def _as_f32(tree):
   return [np.asarray(tree[n], np.float32) for n in sorted(tree)]
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_large_leaves_keep_or_drop_their_ties_whole_around_the_cut(dtype):
+  # Every |w| equal: the ties are kept in flat order, so every leaf before the
+  # cut keeps all of its weights and every leaf after it none. Leaves past
+  # _BRANCH_MIN entries take those masks from a branch of their own, which a
+  # closed form checks here, with the cut in the small middle leaf (half
+  # kept: 256*512 + 2048 of 2*256*512 + 64*64) and in the last, large one.
+  shapes = {"a": (256, 512), "b": (64, 64), "c": (512, 256)}
+  rng = np.random.default_rng(3)
+  tree = {
+      n: jnp.asarray(rng.choice([-1.0, 1.0], size=shape), dtype)
+      for n, shape in shapes.items()
+  }
+  sizes = [int(np.prod(shape)) for shape in shapes.values()]
+  fn = jax.jit(compress.global_magnitude([0.5, 0.25]))
+  for level, kept in enumerate([sizes[0] + 2048, sizes[0] + sizes[1] + 64512]):
+    pruned, masks = fn(tree, level=level)
+    got = np.concatenate([np.asarray(masks[n]).ravel() for n in shapes])
+    np.testing.assert_array_equal(got, np.arange(sum(sizes)) < kept)
+    for n in shapes:
+      np.testing.assert_array_equal(
+          np.asarray(pruned[n]), np.where(masks[n], tree[n], 0)
+      )
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @settings(max_examples=8)  # one compilation per example sweeps the levels
 @given(data=st.data())
@@ -1303,11 +1328,14 @@ def _sampled_trees(kind: str, dtype) -> dict[str, jax.Array]:
   ``misleading``: the sampled weights (entry 0 of every run of 8 rows and of
   8 columns) are far larger than the rest, so the bracket the search takes
   from the sample is wrong for every level; ``ties``: 5 distinct magnitudes;
-  ``normal``: distinct draws (tied after rounding to 16 bits).
+  ``normal``: distinct draws (tied after rounding to 16 bits). The first
+  leaf is large enough to be skipped by a condition when it is settled and to
+  take the tie-splitting branch of the final masks (``_BRANCH_MIN``), the
+  others are counted and masked without one.
   """
   rng = np.random.default_rng(7)
   tree = {}
-  for i, shape in enumerate([(64, 128), (3, 3, 16, 64), (256, 32)]):
+  for i, shape in enumerate([(256, 512), (3, 3, 16, 64), (256, 32)]):
     if kind == "ties":
       x = rng.integers(-2, 3, size=shape).astype(np.float32)
     else:
