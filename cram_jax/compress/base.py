@@ -115,13 +115,9 @@ def replace_leaves(
   For compressors that write each compressed leaf together with its mask (one
   read of the weights); other leaves are kept as they are, with None masks.
   """
+  new = masks_for(params, {name: x for name, (x, _) in compressed.items()})
   masks = masks_for(params, {name: m for name, (_, m) in compressed.items()})
-  return (
-      jax.tree_util.tree_map_with_path(
-          lambda p, x: compressed.get(select_lib.path_str(p), (x,))[0], params
-      ),
-      masks,
-  )
+  return map_masked(lambda x, _: x, new, params), masks
 
 
 def check_sparsity(value: Any, owner: str) -> Any:

@@ -184,13 +184,13 @@ def _branch_per_leaf(pred, on, off, leaves, shared, per_leaf):
   :func:`_opaque`): they reach the branches as operands, not constants, so
   leaves of one shape share one compiled kernel.
   """
-  return [
-      on(x, *shared, *numbers)
-      if x.size < _BRANCH_MIN
-      else lax.cond(pred[i], on, off, x, *shared, *numbers)
-      for i, x in enumerate(leaves)
-      for numbers in [tuple(p[i] for p in per_leaf)]
-  ]
+  out = []
+  for i, x in enumerate(leaves):
+    args = (x, *shared, *(p[i] for p in per_leaf))
+    out.append(
+        on(*args) if x.size < _BRANCH_MIN else lax.cond(pred[i], on, off, *args)
+    )
+  return out
 
 
 def _flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -288,9 +288,9 @@ def _topk(
         )
       unread = np.zeros((1, key_cand.shape[1]), np.int32)
       # A large leaf is read only while entries of it lie between the search's
-      # ends.
-      # The condition also keeps XLA from hoisting the leaf's flat indices out
-      # of the loop (a stored int32 copy of the leaf, read on every pass).
+      # ends. The condition also keeps XLA from hoisting the leaf's flat
+      # indices out of the loop (a stored int32 copy of the leaf, read on
+      # every pass).
       rows = _branch_per_leaf(
           read,
           counted,
