@@ -175,21 +175,28 @@ def _opaque(values: np.ndarray) -> tuple[jax.Array, ...]:
 _BRANCH_MIN = 65536
 
 
-def _branch_per_leaf(pred, on, off, leaves, shared, per_leaf):
+def _branch_per_leaf(pred, on, off, leaves, shared, per_leaf, index):
   """Per leaf ``i``: ``lax.cond(pred[i], on, off, leaf, *shared, *numbers)``.
 
   ``on`` must be right for every leaf, ``off`` is a shortcut where ``pred``
   holds: leaves under ``_BRANCH_MIN`` entries always take ``on``.
   ``numbers`` are leaf ``i``'s entries of ``per_leaf`` (tuples from
   :func:`_opaque`): they reach the branches as operands, not constants, so
-  leaves of one shape share one compiled kernel.
+  leaves of one shape share one compiled kernel. ``pred[i]`` is read at
+  ``index[i]`` (from :func:`_opaque`) for the same reason: a slice at a
+  constant offset is one more kernel per leaf (in a loop; outside one XLA
+  folds the index back to a constant).
   """
   out = []
   for i, x in enumerate(leaves):
     args = (x, *shared, *(p[i] for p in per_leaf))
-    out.append(
-        on(*args) if x.size < _BRANCH_MIN else lax.cond(pred[i], on, off, *args)
-    )
+    if x.size < _BRANCH_MIN:
+      out.append(on(*args))
+    else:
+      (which,) = lax.dynamic_slice(
+          pred, (index[i],), (1,), allow_negative_indices=False
+      )
+      out.append(lax.cond(which, on, off, *args))
   return out
 
 
@@ -246,6 +253,7 @@ def _topk(
     offsets = np.cumsum(sizes) - sizes  # flat index of a leaf's first entry
     group_sizes = sizes.sum(keepdims=True)
   leaf_group = _opaque(group_of)
+  leaf_index = _opaque(np.arange(len(leaves)))
   # Each leaf as ``(1, *shape)``, a free reshape. Its keys are computed inside
   # every pass (a fused bit operation) and never stored: no copy of the model.
   views = [x[None] for x in leaves]
@@ -298,6 +306,7 @@ def _topk(
           arrays,
           (key_cand, index_cand),
           (leaf_group, leaf_last),
+          leaf_index,
       )
       return jnp.concatenate(rows)
 
@@ -364,6 +373,7 @@ def _topk(
       leaves,
       (threshold, index_cut, none_kept),
       (leaf_group, _opaque(ends)),
+      leaf_index,
   )
 
 
