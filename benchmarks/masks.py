@@ -11,13 +11,32 @@ side by side in one run:
 * compile time: ``jax.jit(f).lower(...).compile()`` timed on its own;
 * bfloat16 vs float32 time;
 * sharded vs unsharded time: kernels split 8 ways on their output (last) axis
-  with a ``NamedSharding`` over 8 simulated CPU devices, and the number of
-  collectives moving a parameter-sized array in the sharded program: more
-  than 64 elements or 4 per kernel, whichever is larger (the searches
-  all-reduce per-kernel count vectors, up to 3 candidates per kernel: 54 x 3
-  on ResNet-50; the smallest shard of a kernel is far larger);
+  with a ``NamedSharding`` over 8 devices, and the number of collectives
+  moving a parameter-sized array in the sharded program: more than 64
+  elements or 4 per kernel, whichever is larger (the searches all-reduce
+  per-kernel count vectors, up to 3 candidates per kernel: 54 x 3 on
+  ResNet-50; the smallest shard of a kernel is far larger);
 * on ResNet-50, the references: global threshold by ``jnp.sort`` and by
   ``lax.top_k``, 2:4 by a double argsort (their masks are checked equal first).
+
+Every ratio comes from calls taken in turns (compressor, floor, bf16, ...,
+then again; each timed call after an untimed one of the same function), so a
+change of machine load between them shifts both sides.
+With fewer than 8 devices the sharded column runs in a child process on 8
+simulated CPU devices, and everything else in this one: simulating 8 devices
+splits the CPU's threads between them, which slowed the floor up to 2x and
+the compressors less, so unsharded ratios taken there were off by up to 40%.
+Both sides of the sharded ratio are timed in the child.
+
+On Linux the script restarts itself with glibc's malloc told to keep freed
+memory (``GLIBC_TUNABLES``, see :data:`MALLOC_TUNABLES`) unless that variable
+is set already. By default glibc hands large freed blocks back to the
+system, and depending on how a program was called the next call faulted its
+output pages in again: on BERT-base the level-2 global mask, called as an
+ahead-of-time compiled program, took 90k page faults (350 MB) and 300 ms a
+call instead of 0 and 180 ms, while other calls of the same program did not.
+Kept memory times the work, as a long training run that reuses its buffers
+sees it.
 
 Prints one Markdown table (the README's tables are cut from it) and the targets
 as PASS/FAIL lines: floor ratio <= 6 (global, layer-wise), <= 3 (N:M); bf16 <=
@@ -33,34 +52,27 @@ measured in one run on one machine; a loaded machine inflates them all.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import math
 import os
+import pathlib
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
-# The sharded column needs 8 devices, fixed before JAX starts; when imported by
-# the tests, jax is already up with tests/conftest.py's 8 devices.
-if "jax" not in sys.modules:
-  os.environ["XLA_FLAGS"] = (
-      os.environ.get("XLA_FLAGS", "")
-      + " --xla_force_host_platform_device_count=8"
-  ).strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import pathlib  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from cram_jax import compress  # noqa: E402
+from cram_jax import compress
 
 # The HLO collective parser is shared with tests/test_sharded_hlo.py.
 sys.path.insert(
@@ -69,6 +81,12 @@ sys.path.insert(
 import hlo_checks  # noqa: E402
 
 SHARDS = 8
+# Never hand freed memory back to the system: no mmap'ed blocks (threshold at
+# its maximum, 4 GiB - 1) and no trimming of the heap (16 GiB).
+MALLOC_TUNABLES = (
+    "glibc.malloc.mmap_threshold=4294967295:"
+    "glibc.malloc.trim_threshold=17179869184"
+)
 TARGET_FLOOR = {"global": 6.0, "layerwise": 6.0, "n_of_m": 3.0}
 TARGET_BF16 = 1.3
 TARGET_COMPILE_S = 2.0
@@ -226,13 +244,30 @@ def compiled(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, float]:
 
 
 def median_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int):
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return in_turns({"fn": (fn, args)}, repeats)["fn"]
+
+
+def in_turns(
+    calls: dict[str, tuple[Callable[..., Any], Sequence[Any]]], repeats: int
+) -> dict[str, float]:
+  """Median seconds of each ``fn(*args)``, the calls taken in turns.
+
+  ``repeats`` rounds calling every function in turn: a change of load during
+  the measurement reaches all of them alike. With several functions each
+  timed call follows an untimed one of the same function: right after
+  another function's call, the allocator hands out fresh pages for the
+  outputs, and the floor (a few hundred MB written in tens of ms) took up to
+  twice its time.
+  """
+  times = {name: [] for name in calls}
+  for round_ in range(repeats):
+    for name, (fn, args) in calls.items():
+      if round_ == 0 or len(calls) > 1:
+        jax.block_until_ready(fn(*args))
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def shard_on_outputs(params: Any, mesh: Mesh) -> Any:
@@ -253,7 +288,7 @@ class Row:
 
   tree: str
   name: str
-  kind: str | None
+  kind: str | None  # None for a reference
   seconds: float
   floor_seconds: float
   compile_seconds: float | None = None
@@ -275,6 +310,76 @@ def _same_masks(got: Sequence[Any], want: Sequence[Any], what: str) -> None:
       raise AssertionError(f"{what}: masks differ from ours")
 
 
+def selected_cases(sparsity: float, only: Sequence[str] | None) -> list[Case]:
+  return [c for c in cases(sparsity) if only is None or c.key in only]
+
+
+def sharded_column(
+    tree: str,
+    params: Any,
+    repeats: int,
+    mesh: Mesh,
+    sparsity: float = 0.9,
+    only: Sequence[str] | None = None,
+) -> dict[str, tuple[float, int]]:
+  """Per case key: (sharded / unsharded time, parameter-sized collectives)."""
+  sharded = shard_on_outputs(params, mesh)
+  # Per-kernel count vectors are not parameter-sized: see the module doc.
+  limit = max(hlo_checks.PARAMETER_SIZED, 4 * len(jax.tree.leaves(params)))
+  column = {}
+  for case in selected_cases(sparsity, only):
+    fn, _ = compiled(case.fn, (params, *case.extra))
+    sharded_fn, _ = compiled(case.fn, (sharded, *case.extra))
+    times = in_turns(
+        {
+            "unsharded": (fn, (params, *case.extra)),
+            "sharded": (sharded_fn, (sharded, *case.extra)),
+        },
+        repeats,
+    )
+    column[case.key] = (
+        times["sharded"] / times["unsharded"],
+        len(hlo_checks.parameter_sized(sharded_fn, limit)),
+    )
+  return column
+
+
+def sharded_column_in_child(
+    trees: Sequence[str], repeats: int, sparsity: float, only: Any
+) -> dict[str, dict[str, tuple[float, int]]]:
+  """:func:`sharded_column` of each named tree, measured by this script in a
+  child process on 8 simulated CPU devices (see the module doc)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+      env.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={SHARDS}"
+  ).strip()
+  argv = [
+      sys.executable,
+      str(pathlib.Path(__file__).resolve()),
+      "--sharded-column",
+      "--repeats",
+      str(repeats),
+      "--sparsity",
+      str(sparsity),
+      "--trees",
+      *trees,
+  ]
+  if only is not None:
+    argv += ["--only", *only]
+  child = subprocess.run(argv, env=env, capture_output=True, text=True)
+  if child.returncode != 0:
+    raise RuntimeError(
+        f"masks.py: the sharded column's child process failed "
+        f"(exit {child.returncode}):\n{child.stderr[-3000:]}"
+    )
+  found = json.loads(child.stdout.strip().splitlines()[-1])
+  return {
+      tree: {key: tuple(value) for key, value in column.items()}
+      for tree, column in found.items()
+  }
+
+
 def measure_tree(
     tree: str,
     params: Any,
@@ -285,43 +390,39 @@ def measure_tree(
     sparsity: float = 0.9,
     only: Sequence[str] | None = None,
 ) -> list[Row]:
-  """Every row of one tree (see the module doc)."""
+  """Every row of one tree (see the module doc); the sharded column only with
+  a ``mesh`` (else :func:`sharded_column_in_child` fills it)."""
   rows = []
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  sharded = None if mesh is None else shard_on_outputs(params, mesh)
   threshold = jnp.float32(1.0)
   floors = {}
   measured = {}
-  for case in cases(sparsity):
-    if only is not None and case.key not in only:
-      continue
+  for case in selected_cases(sparsity, only):
     args = (params, *case.extra)
     fn, compile_s = compiled(case.fn, args)
-    seconds = median_seconds(fn, args, repeats)
     _, masks = jax.eval_shape(case.fn, *args)
     # The floor reads the leaves this compressor prunes (N:M skips the stem).
     structure = tuple(
         m is None for m in jax.tree.leaves(masks, is_leaf=lambda m: m is None)
     )
     if structure not in floors:
-      floor, _ = compiled(floor_fn(masks), (params, threshold))
-      floors[structure] = median_seconds(floor, (params, threshold), repeats)
-    row = Row(tree, case.name, case.kind, seconds, floors[structure], compile_s)
+      floors[structure], _ = compiled(floor_fn(masks), (params, threshold))
     bf16_fn, _ = compiled(case.fn, (bf16, *case.extra))
-    row.bf16_ratio = median_seconds(bf16_fn, (bf16, *case.extra), repeats) / (
-        seconds
+    times = in_turns(
+        {
+            "float32": (fn, args),
+            "floor": (floors[structure], (params, threshold)),
+            "bfloat16": (bf16_fn, (bf16, *case.extra)),
+        },
+        repeats,
     )
-    if sharded is not None:
-      sharded_args = (sharded, *case.extra)
-      sharded_fn, _ = compiled(case.fn, sharded_args)
-      # Per-kernel count vectors are not parameter-sized: see the module doc.
-      limit = max(hlo_checks.PARAMETER_SIZED, 4 * len(jax.tree.leaves(params)))
-      row.sharded_collectives = len(
-          hlo_checks.parameter_sized(sharded_fn, limit)
-      )
-      row.sharded_ratio = (
-          median_seconds(sharded_fn, sharded_args, repeats) / seconds
-      )
+    row = Row(
+        tree, case.name, case.kind, times["float32"], times["floor"], compile_s
+    )
+    row.bf16_ratio = times["bfloat16"] / times["float32"]
+    if mesh is not None:
+      column = sharded_column(tree, params, repeats, mesh, sparsity, [case.key])
+      row.sharded_ratio, row.sharded_collectives = column[case.key]
     rows.append(row)
     measured[case.key] = row, fn
   if references and {"global", "n_of_m"} <= measured.keys():
@@ -476,6 +577,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument(
       "--no-sharded", action="store_true", help="skip the sharded column"
   )
+  parser.add_argument(
+      "--sharded-column",
+      action="store_true",
+      help="only the sharded column, as one line of JSON (the child process "
+      "this script starts when it has fewer than 8 devices)",
+  )
   args = parser.parse_args(argv)
   if args.repeats < 1:
     parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -490,22 +597,30 @@ def run(
     args: argparse.Namespace, trees: dict[str, Any] | None = None
 ) -> tuple[list[Row], list[tuple[bool, str]]]:
   """Measures ``trees`` (default: the ones ``args.trees`` names) and prints."""
-  if trees is None:
+  named = trees is None
+  if named:
     trees = {name: make_params(TREES[name]()) for name in args.trees}
-  mesh = None
+  mesh, child_columns = None, None
   if not args.no_sharded:
-    if jax.device_count() < SHARDS:
-      raise RuntimeError(
-          f"masks.py: the sharded column needs {SHARDS} devices, JAX has "
-          f"{jax.device_count()} (XLA_FLAGS was set after JAX started?); "
-          "pass --no-sharded"
+    if jax.device_count() >= SHARDS:
+      mesh = Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
+      where = f"on {SHARDS} of this process' devices"
+    elif named:
+      print(f"the sharded column: a child process on {SHARDS} CPU devices")
+      child_columns = sharded_column_in_child(
+          list(trees), args.repeats, args.sparsity, args.only
       )
-    mesh = Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
+      where = f"in a child process on {SHARDS} simulated CPU devices"
+    else:
+      raise RuntimeError(
+          f"masks.py: the sharded column of trees given to run() needs "
+          f"{SHARDS} devices, JAX has {jax.device_count()}; pass --no-sharded"
+      )
   print(
-      f"backend {jax.default_backend()}, {jax.device_count()} device(s) "
-      f"({SHARDS} simulated CPU devices for the sharded column: the unsharded "
-      "timings run in the same process and are a little affected by it); "
-      f"median of {args.repeats}"
+      f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+      f"median of {args.repeats}, the calls of each ratio taken in turns"
+      + ("" if args.no_sharded else f"; sharded column {where}")
+      + f"; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
   )
   rows = []
   for name, params in trees.items():
@@ -523,6 +638,12 @@ def run(
         sparsity=args.sparsity,
         only=args.only,
     )
+  if child_columns is not None:
+    names = {c.name: c.key for c in cases(args.sparsity)}
+    for row in rows:
+      if row.kind is not None:
+        column = child_columns[row.tree][names[row.name]]
+        row.sharded_ratio, row.sharded_collectives = column
   print()
   print(markdown(rows))
   checks = targets(rows)
@@ -532,10 +653,49 @@ def run(
   return rows, checks
 
 
+def _restart_with_kept_memory(argv: Sequence[str] | None) -> None:
+  """Runs this script again with :data:`MALLOC_TUNABLES` under glibc (see the
+  module doc); returns at once elsewhere or when GLIBC_TUNABLES is set."""
+  if "GLIBC_TUNABLES" in os.environ or not hasattr(os, "confstr"):
+    return
+  try:
+    if not os.confstr("CS_GNU_LIBC_VERSION"):
+      return
+  except (ValueError, OSError):
+    return
+  env = {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES}
+  argv = list(sys.argv[1:] if argv is None else argv)
+  script = str(pathlib.Path(__file__).resolve())
+  sys.stdout.flush()
+  os.execve(sys.executable, [sys.executable, script, *argv], env)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+  _restart_with_kept_memory(argv)
   # Progress lines show up at once when the output goes to a file or a pipe.
   sys.stdout.reconfigure(line_buffering=True)
-  run(parse_args(argv))
+  args = parse_args(argv)
+  if args.sharded_column:
+    if jax.device_count() < SHARDS:
+      raise SystemExit(
+          f"masks.py --sharded-column: needs {SHARDS} devices, JAX has "
+          f"{jax.device_count()}"
+      )
+    mesh = Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
+    found = {
+        tree: sharded_column(
+            tree,
+            make_params(TREES[tree]()),
+            args.repeats,
+            mesh,
+            args.sparsity,
+            args.only,
+        )
+        for tree in args.trees
+    }
+    print(json.dumps(found))
+    return
+  run(args)
 
 
 if __name__ == "__main__":
