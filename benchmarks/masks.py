@@ -314,38 +314,53 @@ def selected_cases(sparsity: float, only: Sequence[str] | None) -> list[Case]:
   return [c for c in cases(sparsity) if only is None or c.key in only]
 
 
+def the_mesh() -> Mesh:
+  """A 1-D mesh over the first ``SHARDS`` devices."""
+  return Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
+
+
+def sharded_entry(
+    case: Case, params: Any, fn: Any, mesh: Mesh, repeats: int
+) -> tuple[float, int]:
+  """(sharded / unsharded time, parameter-sized collectives) of one case;
+  ``fn``: the case compiled for ``params`` unsharded."""
+  sharded = shard_on_outputs(params, mesh)
+  sharded_fn, _ = compiled(case.fn, (sharded, *case.extra))
+  times = in_turns(
+      {
+          "unsharded": (fn, (params, *case.extra)),
+          "sharded": (sharded_fn, (sharded, *case.extra)),
+      },
+      repeats,
+  )
+  # Per-kernel count vectors are not parameter-sized: see the module doc.
+  limit = max(hlo_checks.PARAMETER_SIZED, 4 * len(jax.tree.leaves(params)))
+  return (
+      times["sharded"] / times["unsharded"],
+      len(hlo_checks.parameter_sized(sharded_fn, limit)),
+  )
+
+
 def sharded_column(
-    tree: str,
     params: Any,
     repeats: int,
     mesh: Mesh,
     sparsity: float = 0.9,
     only: Sequence[str] | None = None,
 ) -> dict[str, tuple[float, int]]:
-  """Per case key: (sharded / unsharded time, parameter-sized collectives)."""
-  sharded = shard_on_outputs(params, mesh)
-  # Per-kernel count vectors are not parameter-sized: see the module doc.
-  limit = max(hlo_checks.PARAMETER_SIZED, 4 * len(jax.tree.leaves(params)))
+  """Per case key: :func:`sharded_entry`."""
   column = {}
   for case in selected_cases(sparsity, only):
     fn, _ = compiled(case.fn, (params, *case.extra))
-    sharded_fn, _ = compiled(case.fn, (sharded, *case.extra))
-    times = in_turns(
-        {
-            "unsharded": (fn, (params, *case.extra)),
-            "sharded": (sharded_fn, (sharded, *case.extra)),
-        },
-        repeats,
-    )
-    column[case.key] = (
-        times["sharded"] / times["unsharded"],
-        len(hlo_checks.parameter_sized(sharded_fn, limit)),
-    )
+    column[case.key] = sharded_entry(case, params, fn, mesh, repeats)
   return column
 
 
 def sharded_column_in_child(
-    trees: Sequence[str], repeats: int, sparsity: float, only: Any
+    trees: Sequence[str],
+    repeats: int,
+    sparsity: float,
+    only: Sequence[str] | None,
 ) -> dict[str, dict[str, tuple[float, int]]]:
   """:func:`sharded_column` of each named tree, measured by this script in a
   child process on 8 simulated CPU devices (see the module doc)."""
@@ -421,8 +436,9 @@ def measure_tree(
     )
     row.bf16_ratio = times["bfloat16"] / times["float32"]
     if mesh is not None:
-      column = sharded_column(tree, params, repeats, mesh, sparsity, [case.key])
-      row.sharded_ratio, row.sharded_collectives = column[case.key]
+      row.sharded_ratio, row.sharded_collectives = sharded_entry(
+          case, params, fn, mesh, repeats
+      )
     rows.append(row)
     measured[case.key] = row, fn
   if references and {"global", "n_of_m"} <= measured.keys():
@@ -603,7 +619,7 @@ def run(
   mesh, child_columns = None, None
   if not args.no_sharded:
     if jax.device_count() >= SHARDS:
-      mesh = Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
+      mesh = the_mesh()
       where = f"on {SHARDS} of this process' devices"
     elif named:
       print(f"the sharded column: a child process on {SHARDS} CPU devices")
@@ -681,13 +697,11 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"masks.py --sharded-column: needs {SHARDS} devices, JAX has "
           f"{jax.device_count()}"
       )
-    mesh = Mesh(np.array(jax.devices()[:SHARDS]), ("shards",))
     found = {
         tree: sharded_column(
-            tree,
             make_params(TREES[tree]()),
             args.repeats,
-            mesh,
+            the_mesh(),
             args.sparsity,
             args.only,
         )
