@@ -217,6 +217,13 @@ _SAMPLE_STRIDE = 64
 # Interpolated candidates sit this many standard deviations of rank either
 # side of the estimate.
 _SPREAD = 3.0
+# The first pass on all weights counts candidates this far inside the sample's
+# bracket (as shares of its keys): the bracket spans 4 standard deviations of
+# the sample's error either side, and the threshold falls in the inner 40%
+# about 93% of the time (measured: ResNet-50 and BERT-base leaves). When it
+# does not, the next pass counts the bracket's end (:func:`_fall_back`).
+# Counting the bracket's ends first cost one pass more per search.
+_INNER = 0.3
 
 
 def _per_candidate(values: jax.Array, ndim: int) -> jax.Array:
@@ -338,6 +345,7 @@ def _topk(
       jnp.where(none_kept[group_of], 0, jnp.asarray(sizes, jnp.int32)),
       first=first,
       wide=wide,
+      spans=None if per_leaf or len(leaves) == 1 else (offsets, sizes),
   )
 
   # Entries equal to the threshold t are kept up to flat index group size - 1
@@ -378,7 +386,7 @@ def _topk(
 
 
 def _bracket(views, steps, stride, k, group_of, group_sizes, counter, wide):
-  """Per group, ``_CANDIDATES`` keys spanning the threshold's likely range.
+  """Per group, keys ``(below, above)`` likely to bracket the threshold.
 
   Found on the strided sample of every view (``steps`` per axis, ``stride``
   weights each sampled weight stands for; ``wide`` as in :func:`_search`):
@@ -424,10 +432,7 @@ def _bracket(views, steps, stride, k, group_of, group_sizes, counter, wide):
   )
   below = found[:num_groups]
   above = jnp.minimum(found_top[num_groups:], top_key - 1) + 1
-  share = jnp.linspace(0.0, 1.0, _CANDIDATES, dtype=jnp.float32)
-  return below[:, None] + (
-      (above - below).astype(jnp.float32)[:, None] * share
-  ).astype(itype)
+  return below, above
 
 
 def _sample_steps(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[int]:
@@ -503,6 +508,69 @@ def _interpolate(lo, top, cnt_lo, cnt_up, target, even):
   return lo[:, None] + offset
 
 
+def _spaced(lo: jax.Array, top: jax.Array, shares: jax.Array) -> jax.Array:
+  """``(groups, c)`` keys at ``shares`` of the way from ``lo`` to ``top``."""
+  width = (top - lo).astype(jnp.float32)[:, None]
+  return lo[:, None] + (width * shares).astype(lo.dtype)
+
+
+def _inside_bracket(below: jax.Array, above: jax.Array) -> jax.Array:
+  """The first pass's candidates: ``_INNER`` of the way in from either end."""
+  shares = jnp.linspace(_INNER, 1 - _INNER, _CANDIDATES, dtype=jnp.float32)
+  return _spaced(below, above, shares)
+
+
+def _fall_back(key_cand, key_lo, key_top, below, above):
+  """``key_cand``, except where the first pass missed the inner bracket.
+
+  The threshold then lies between an end of the bracket (``below`` or
+  ``above``) and a counted candidate, most likely: the next candidates start
+  at that end and split the rest evenly. Interpolating from the search's
+  far end (0 or the top key) would take several passes to come back.
+  """
+  c = _CANDIDATES
+  low = (key_lo < below) & (below <= key_top)
+  # Either way a candidate lies above key_lo: each pass makes progress.
+  high = ~low & (key_lo < above) & (above < key_top)
+  from_below = _spaced(below, key_top, jnp.arange(c, dtype=jnp.float32) / c)
+  up_to_above = _spaced(
+      key_lo, above, jnp.arange(1, c + 1, dtype=jnp.float32) / c
+  )
+  return jnp.where(
+      low[:, None],
+      from_below,
+      jnp.where(high[:, None], up_to_above, key_cand),
+  )
+
+
+def _narrow_to_leaf(s, target, size, spans):
+  """State ``s`` of one group of several leaves, narrowed to one leaf on ties.
+
+  Once the search is among the flat indices of one key, the per-leaf counts
+  at its ends say which leaf holds the target-th entry (leaves come in flat
+  order). The ends move to that leaf's first and last flat index, whose
+  counts are known without reading anything, so only that leaf is read
+  after. ``spans`` are the leaves' flat offsets and sizes.
+  """
+  key_lo, key_top, i_lo, i_top, even, leaf_lo, leaf_up = s
+  offsets, sizes = (jnp.asarray(a, jnp.int32) for a in spans)
+  between = jnp.cumsum(leaf_lo - leaf_up)
+  at = jnp.argmax(jnp.sum(leaf_up) + between >= target[0])
+  on_index = key_lo == key_top
+  # A position i stands for flat indices up to size - 1 - i.
+  last, first = size - offsets[at] - sizes[at], size - offsets[at] - 1
+  order = jnp.arange(len(sizes))
+  return (
+      key_lo,
+      key_top,
+      jnp.where(on_index, jnp.maximum(i_lo, last), i_lo),
+      jnp.where(on_index, jnp.minimum(i_top, first), i_top),
+      even,
+      jnp.where(on_index & (order > at), leaf_up, leaf_lo),
+      jnp.where(on_index & (order < at), leaf_lo, leaf_up),
+  )
+
+
 def _group_sum(per_leaf: jax.Array, group_of: np.ndarray, num_groups: int):
   """Sums the rows of ``per_leaf`` (one per leaf) into one per group."""
   if num_groups == len(group_of):  # one leaf per group
@@ -525,6 +593,7 @@ def _search(
     first=None,
     wide=None,
     within=0,
+    spans=None,
 ):
   """Per group, the ``target``-th entry in the ranking (key desc, index asc).
 
@@ -541,9 +610,12 @@ def _search(
   count crosses ``target``: first between keys, then, once one key is left
   (ties), between flat indices of that key. It stops when exactly ``target``
   entries rank at or before ``(key, i)`` (random floats usually stop on a key),
-  or when the interval is one position. Candidates come from ``first`` on the
-  first pass (keys bracketed from a sample), then by interpolating the count
-  linearly between the ends (:func:`_interpolate`). A pass that leaves more
+  or when the interval is one position. ``first``, per group keys ``(below,
+  above)`` guessed from a sample to bracket the target, places the first
+  pass's candidates inside the bracket (:func:`_inside_bracket`), and the next
+  pass's at its end if the target fell outside them (:func:`_fall_back`).
+  Then candidates interpolate the count linearly between the ends
+  (:func:`_interpolate`). A pass that leaves more
   than half the entries in play, or an interval of keys wider than ``wide``
   (where the count is far from linear in the key), is followed by a pass with
   evenly spaced candidates, so the interval shrinks geometrically.
@@ -551,8 +623,10 @@ def _search(
   The per-leaf counts at both ends are kept: a leaf whose counts there are
   equal has no entry in between, so its count at any candidate is known and
   it is not read. Near the end, few leaves are read: those holding the last
-  entries in play, or with ties, the leaves where the tied entries' flat
-  indices are still open.
+  entries in play, or with ties, the one leaf holding the target: with
+  ``spans`` (one group of several leaves: their flat offsets and sizes), the
+  search among one key's flat indices narrows to it at once
+  (:func:`_narrow_to_leaf`).
 
   With ``within``, a group also stops once at most that many entries are
   left between the ends (a bracket is enough).
@@ -596,6 +670,8 @@ def _search(
     if key_first is None:
       wider = even if wide is None else even | (key_top - key_lo > wide)
       key_first = _interpolate(key_lo, key_top, cnt_lo, cnt_up, target, wider)
+      if first is not None:
+        key_first = _fall_back(key_first, key_lo, key_top, *first)
     key_cand = jnp.where((live & on_keys)[:, None], key_first, key_lo[:, None])
     index_cand = _interpolate(i_lo, i_top, cnt_lo, cnt_up, target, even)
     index_cand = jnp.where(
@@ -659,12 +735,17 @@ def _search(
         for new, old in zip((new_leaf_lo, new_leaf_up), s[5:])
     )
     s = groups + leaves
+    if spans is not None:
+      s = _narrow_to_leaf(s, target, size, spans)
     return s, candidates(s)
 
   s, _ = lax.while_loop(
       lambda carry: jnp.any(active(carry[0])),
       body,
-      (state, candidates(state, first)),
+      (
+          state,
+          candidates(state, None if first is None else _inside_bracket(*first)),
+      ),
   )
   return s[0], s[1], s[2]
 
