@@ -219,10 +219,10 @@ _SAMPLE_STRIDE = 64
 _SPREAD = 3.0
 # The first pass on all weights counts candidates this far inside the sample's
 # bracket (as shares of its keys): the bracket spans 4 standard deviations of
-# the sample's error either side, and the threshold falls in the inner 40%
-# about 93% of the time (measured: ResNet-50 and BERT-base leaves). When it
-# does not, the next pass counts the bracket's end (:func:`_fall_back`).
-# Counting the bracket's ends first cost one pass more per search.
+# the sample's error either side, and the threshold fell in the inner 40% for
+# 108 of 113 ResNet-50 and BERT-base leaves. When it does not, the next pass
+# counts the bracket's end (:func:`_fall_back`). Counting the bracket's ends
+# first took about one pass more per search.
 _INNER = 0.3
 
 
@@ -497,21 +497,29 @@ def _interpolate(lo, top, cnt_lo, cnt_up, target, even):
   ]
   uniform = jnp.arange(1, c + 1, dtype=jnp.float32) / (c + 1) * width[:, None]
   offset = jnp.where(even[:, None], uniform, interp)
+  return _at_offsets(lo, top, offset, least=1)
+
+
+def _at_offsets(lo, top, offset, least):
+  """Keys ``lo + offset`` per group for float ``(groups, c)`` offsets, kept
+  in ``[lo + least, top]`` (``least`` is 0 or 1) and exact in ``lo``'s type:
+  a float32 offset near ``top - lo`` may round past it."""
   # The largest float32 that converts to lo's type without overflow.
   below_max = float(
       np.nextafter(
           np.float32(2.0 ** (jnp.iinfo(lo.dtype).bits - 1)), np.float32(0)
       )
   )
-  offset = jnp.clip(offset, 1.0, below_max).astype(lo.dtype)
-  offset = jnp.maximum(jnp.minimum(offset, (top - lo)[:, None]), 1)
+  offset = jnp.clip(offset, float(least), below_max).astype(lo.dtype)
+  offset = jnp.maximum(jnp.minimum(offset, (top - lo)[:, None]), least)
   return lo[:, None] + offset
 
 
 def _spaced(lo: jax.Array, top: jax.Array, shares: jax.Array) -> jax.Array:
-  """``(groups, c)`` keys at ``shares`` of the way from ``lo`` to ``top``."""
+  """``(groups, c)`` keys at ``shares`` (in [0, 1]) of the way from ``lo``
+  to ``top``."""
   width = (top - lo).astype(jnp.float32)[:, None]
-  return lo[:, None] + (width * shares).astype(lo.dtype)
+  return _at_offsets(lo, top, width * shares, least=0)
 
 
 def _inside_bracket(below: jax.Array, above: jax.Array) -> jax.Array:
