@@ -1,5 +1,8 @@
 """Compressors against NumPy oracles (stable sorts), plus their error messages."""
 
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,13 +69,20 @@ def kernels(tree):
   return [tree[name]["kernel"] for name in sorted(tree)]
 
 
+# Both ways of finding the cut ("auto" is search on CPU, digits on GPU): each
+# must give the oracle's masks.
+SCHEDULES = ("search", "digits")
+
+
 # ---------------------------------------------------------------- global / layerwise
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @given(tree=param_trees(), sparsity=st.floats(0.0, 1.0))
-def test_global_magnitude_matches_stable_sort_oracle(tree, sparsity):
+def test_global_magnitude_matches_stable_sort_oracle(schedule, tree, sparsity):
   params = jax.tree.map(jnp.asarray, tree)
-  pruned, masks = jax.jit(compress.global_magnitude(sparsity))(params)
+  fn = compress.global_magnitude(sparsity, schedule=schedule)
+  pruned, masks = jax.jit(fn)(params)
   mask_list = [np.asarray(masks[n]["kernel"]) for n in sorted(tree)]
   flat_abs = np.concatenate([np.abs(k).ravel() for k in kernels(tree)])
   k = round((1 - sparsity) * flat_abs.size)
@@ -91,10 +101,12 @@ def test_global_magnitude_matches_stable_sort_oracle(tree, sparsity):
     )
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @given(tree=param_trees(), sparsity=st.floats(0.0, 1.0))
-def test_layerwise_magnitude_matches_oracle_per_leaf(tree, sparsity):
+def test_layerwise_magnitude_matches_oracle_per_leaf(schedule, tree, sparsity):
   params = jax.tree.map(jnp.asarray, tree)
-  _, masks = jax.jit(compress.layerwise_magnitude(sparsity))(params)
+  fn = compress.layerwise_magnitude(sparsity, schedule=schedule)
+  _, masks = jax.jit(fn)(params)
   for n in sorted(tree):
     kernel = tree[n]["kernel"]
     k = round((1 - sparsity) * kernel.size)
@@ -1157,8 +1169,11 @@ def _as_f32(tree):
   return [np.asarray(tree[n], np.float32) for n in sorted(tree)]
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_large_leaves_keep_or_drop_their_ties_whole_around_the_cut(dtype):
+def test_large_leaves_keep_or_drop_their_ties_whole_around_the_cut(
+    dtype, schedule
+):
   # Every |w| equal: the ties are kept in flat order, so every leaf before the
   # cut keeps all of its weights and every leaf after it none. Leaves past
   # _BRANCH_MIN entries take those masks from a branch of their own, which a
@@ -1171,7 +1186,7 @@ def test_large_leaves_keep_or_drop_their_ties_whole_around_the_cut(dtype):
       for n, shape in shapes.items()
   }
   sizes = [int(np.prod(shape)) for shape in shapes.values()]
-  fn = jax.jit(compress.global_magnitude([0.5, 0.25]))
+  fn = jax.jit(compress.global_magnitude([0.5, 0.25], schedule=schedule))
   for level, kept in enumerate([sizes[0] + 2048, sizes[0] + sizes[1] + 64512]):
     pruned, masks = fn(tree, level=level)
     got = np.concatenate([np.asarray(masks[n]).ravel() for n in shapes])
@@ -1182,12 +1197,13 @@ def test_large_leaves_keep_or_drop_their_ties_whole_around_the_cut(dtype):
       )
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @settings(max_examples=8)  # one compilation per example sweeps the levels
 @given(data=st.data())
-def test_global_16_bit_and_tied_inputs_match_oracle(dtype, data):
+def test_global_16_bit_and_tied_inputs_match_oracle(dtype, schedule, data):
   tree = data.draw(tie_trees(dtype))
-  swept = jax.jit(compress.global_magnitude(LEVELS))
+  swept = jax.jit(compress.global_magnitude(LEVELS, schedule=schedule))
   flat = np.concatenate([np.abs(x).ravel() for x in _as_f32(tree)])
   for level, s in enumerate(LEVELS):
     masks = swept(tree, level=level)[1]
@@ -1197,12 +1213,13 @@ def test_global_16_bit_and_tied_inputs_match_oracle(dtype, data):
     )
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @settings(max_examples=8)
 @given(data=st.data())
-def test_layerwise_16_bit_and_tied_inputs_match_oracle(dtype, data):
+def test_layerwise_16_bit_and_tied_inputs_match_oracle(dtype, schedule, data):
   tree = data.draw(tie_trees(dtype))
-  swept = jax.jit(compress.layerwise_magnitude(LEVELS))
+  swept = jax.jit(compress.layerwise_magnitude(LEVELS, schedule=schedule))
   for level, s in enumerate(LEVELS):
     masks = swept(tree, level=level)[1]
     for n, x in zip(sorted(tree), _as_f32(tree)):
@@ -1213,9 +1230,10 @@ def test_layerwise_16_bit_and_tied_inputs_match_oracle(dtype, data):
       )
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("keep", [0, 1, 7, 30, 31, 45, 59, 60, 61, 89, 90])
-def test_ties_cut_in_the_first_middle_or_last_leaf(dtype, keep):
+def test_ties_cut_in_the_first_middle_or_last_leaf(dtype, keep, schedule):
   # 90 equal magnitudes in three leaves (30 each) and a few larger ones; the
   # cut through the ties falls in leaf 0, 1 or 2 depending on keep.
   leaves = [np.full((5, 6), -2.0, np.float32) for _ in range(3)]
@@ -1223,15 +1241,16 @@ def test_ties_cut_in_the_first_middle_or_last_leaf(dtype, keep):
   tree = {f"l{i}": jnp.asarray(x, dtype) for i, x in enumerate(leaves)}
   size = 90
   s = 1 - keep / size
-  masks = jax.jit(compress.global_magnitude(s))(tree)[1]
+  masks = jax.jit(compress.global_magnitude(s, schedule=schedule))(tree)[1]
   got = np.concatenate([np.asarray(masks[f"l{i}"]).ravel() for i in range(3)])
   flat = np.concatenate([np.abs(x).ravel() for x in leaves])
   np.testing.assert_array_equal(got, topk_oracle(flat, keep))
   assert got.sum() == keep
 
 
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_interleaved_shapes_match_oracle(seed):
+def test_interleaved_shapes_match_oracle(seed, schedule):
   # Leaves of three shapes alternate in tree order and few distinct values
   # make ties at every level, so the cut through the ties walks the flat
   # index across leaves of different shapes.
@@ -1240,8 +1259,8 @@ def test_interleaved_shapes_match_oracle(seed):
   leaves = [rng.integers(-2, 3, size=sh).astype(np.float32) for sh in shapes]
   tree = {f"l{i}": jnp.asarray(x) for i, x in enumerate(leaves)}
   levels = (0.0, 0.2, 0.45, 0.6, 0.85, 1.0)
-  by_global = jax.jit(compress.global_magnitude(levels))
-  by_layer = jax.jit(compress.layerwise_magnitude(levels))
+  by_global = jax.jit(compress.global_magnitude(levels, schedule=schedule))
+  by_layer = jax.jit(compress.layerwise_magnitude(levels, schedule=schedule))
   flat = np.concatenate([np.abs(x).ravel() for x in leaves])
   for level, s in enumerate(levels):
     masks = by_global(tree, level=level)[1]
@@ -1256,6 +1275,58 @@ def test_interleaved_shapes_match_oracle(seed):
           topk_oracle(np.abs(x).ravel(), round((1 - s) * x.size)),
           err_msg=f"l{i} {s=}",
       )
+
+
+def _lowered_ops(fn, tree, platform):
+  """The multiset of StableHLO op names of ``fn(tree)`` lowered for ``platform``."""
+  text = jax.jit(fn).trace(tree).lower(lowering_platforms=(platform,)).as_text()
+  return collections.Counter(re.findall(r"stablehlo\.[a-z_]+", text))
+
+
+@pytest.mark.parametrize("kind", ["global", "layerwise"])
+def test_auto_schedule_is_digits_on_gpus_and_search_elsewhere(kind):
+  # Lowered for one platform, lax.platform_dependent keeps only that
+  # platform's branch (plus a constant switch around it): the ops of "auto"
+  # are those of the chosen schedule, and none of the other's.
+  make = {
+      "global": compress.global_magnitude,
+      "layerwise": compress.layerwise_magnitude,
+  }[kind]
+  rng = np.random.default_rng(0)
+  tree = {
+      "a": jnp.asarray(rng.normal(size=(64, 300)), jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(3, 3, 8, 16)), jnp.float32),
+  }
+  wrapper = {"stablehlo.constant", "stablehlo.case", "stablehlo.return"}
+  for platform, chosen, other in [
+      ("cuda", "digits", "search"),
+      ("rocm", "digits", "search"),
+      ("cpu", "search", "digits"),
+  ]:
+    auto = _lowered_ops(make(0.9), tree, platform)
+    want = _lowered_ops(make(0.9, schedule=chosen), tree, platform)
+    not_want = _lowered_ops(make(0.9, schedule=other), tree, platform)
+    assert not want - auto, (platform, want - auto)
+    assert set(auto - want) <= wrapper, (platform, auto - want)
+    # The schedules differ (else this test could not tell them apart).
+    assert set(not_want - auto) - wrapper, platform
+
+
+@pytest.mark.parametrize(
+    "schedule, error",
+    [
+        ("radix", ValueError),
+        ("Search", ValueError),
+        (None, TypeError),
+        (2, TypeError),
+    ],
+)
+def test_bad_schedule_is_rejected_at_construction(schedule, error):
+  for make in (compress.global_magnitude, compress.layerwise_magnitude):
+    with pytest.raises(
+        error, match=r"schedule must be one of 'auto', 'search'"
+    ):
+      make(0.9, schedule=schedule)
 
 
 def _sharded_cases():

@@ -57,6 +57,15 @@ COMPRESSORS = {
     "layerwise": (compress.layerwise_magnitude(0.9), None),
     "layerwise_erk": (compress.layerwise_magnitude(compress.erk(0.9)), None),
     "n_of_m": (compress.n_of_m(2, 4), None),
+    # The GPU schedule ("auto" takes it on GPUs), compiled here for CPUs.
+    "global_levels_digits": (
+        compress.global_magnitude([0.5, 0.7, 0.9], schedule="digits"),
+        (0, 1, 2),
+    ),
+    "layerwise_digits": (
+        compress.layerwise_magnitude(0.9, schedule="digits"),
+        None,
+    ),
 }
 
 
@@ -240,6 +249,7 @@ def test_compressor_moves_no_parameter_sized_array(name, sharding):
 @pytest.mark.parametrize("name", sorted(COMPRESSORS))
 def test_compressor_sharded_equals_unsharded_bitwise(name, sharding):
   sparsity = {"layerwise": 0.9, "global_levels": (0.5, 0.7, 0.9)}
+  name_of_kind = name.removesuffix("_digits")
   for (level, got_c, got_m), (_, want_c, want_m) in zip(
       _outputs(name, sharding), _outputs(name, None)
   ):
@@ -255,11 +265,11 @@ def test_compressor_sharded_equals_unsharded_bitwise(name, sharding):
     # The unsharded reference itself keeps the exact counts (an oracle
     # independent of the sharded program).
     kernels = jax.tree.leaves(want_m)
-    if name == "global_levels":
+    if name_of_kind == "global_levels":
       total = sum(m.size for m in kernels)
-      s = sparsity[name][level]
+      s = sparsity[name_of_kind][level]
       assert sum(int(m.sum()) for m in kernels) == round((1 - s) * total)
-    elif name == "layerwise":
+    elif name_of_kind == "layerwise":
       assert [int(m.sum()) for m in kernels] == [
           round(0.1 * m.size) for m in kernels
       ]
@@ -448,6 +458,33 @@ def test_benchmark_runs_on_a_tiny_tree(capsys):
   assert sorted(set(status) & {"PASS", "FAIL"}) and len(
       [s for s in status if s in ("PASS", "FAIL")]
   ) == len(checks)
+
+
+def test_schedules_benchmark_runs_on_a_tiny_tree(capsys):
+  """``benchmarks/schedules.py`` end to end on a tiny tree (it checks that the
+  two schedules give equal masks before timing them)."""
+  sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "benchmarks"))
+  import schedules  # pylint: disable=import-outside-toplevel
+
+  tiny = _load_benchmark().make_params(
+      {"conv": (3, 3, 8, 16), "dense": (16, 32)}
+  )
+  args = schedules.parse_args(
+      ["--calls", "2", "--repeats", "1", "--dtypes", "bfloat16"]
+  )
+  table = schedules.run(args, {"tiny": tiny})
+  programs = [
+      "one-read floor",
+      "global, search",
+      "global, digits",
+      "layerwise, search",
+      "layerwise, digits",
+  ]
+  assert [row[1:3] for row in table] == [("bfloat16", p) for p in programs]
+  assert all(row[3] > 0 and row[4] > 0 for row in table)
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  assert len([x for x in lines if x.startswith("| tiny |")]) == 5
 
 
 def test_benchmark_trees_and_floor():
