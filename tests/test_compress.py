@@ -78,6 +78,7 @@ SCHEDULES = ("search", "digits")
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
+@settings(max_examples=25)  # per schedule: one compilation per example
 @given(tree=param_trees(), sparsity=st.floats(0.0, 1.0))
 def test_global_magnitude_matches_stable_sort_oracle(schedule, tree, sparsity):
   params = jax.tree.map(jnp.asarray, tree)
@@ -102,6 +103,7 @@ def test_global_magnitude_matches_stable_sort_oracle(schedule, tree, sparsity):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
+@settings(max_examples=25)  # per schedule: one compilation per example
 @given(tree=param_trees(), sparsity=st.floats(0.0, 1.0))
 def test_layerwise_magnitude_matches_oracle_per_leaf(schedule, tree, sparsity):
   params = jax.tree.map(jnp.asarray, tree)
