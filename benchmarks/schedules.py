@@ -33,7 +33,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import masks as masks_benchmark  # noqa: E402  (the trees, compile, in_turns)
+import masks as masks_benchmark  # noqa: E402  (trees, floor, compile, in_turns)
 
 from cram_jax import compress  # noqa: E402
 
@@ -60,17 +60,6 @@ def scanned(fn: Callable[[Any], Any], calls: int) -> Callable[[Any], Any]:
   return run
 
 
-def floor(threshold: float) -> Callable[[Any], Any]:
-  def fn(params):
-    def leaf(x):
-      keep = jnp.abs(x) >= jnp.asarray(threshold, x.dtype)
-      return jnp.where(keep, x, jnp.zeros((), x.dtype)), keep
-
-    return jax.tree.map(leaf, params)
-
-  return fn
-
-
 def measure(
     params: Any, calls: int, repeats: int, sparsity: float = 0.9
 ) -> list[tuple[str, float, float]]:
@@ -81,8 +70,8 @@ def measure(
           for x in jax.tree.leaves(params)
       ]
   )
-  threshold = float(np.sort(flat)[round(sparsity * flat.size)])
-  programs = {"one-read floor": floor(threshold)}
+  threshold = jnp.float32(np.sort(flat)[round(sparsity * flat.size)])
+  programs = {}
   for kind, make in KINDS.items():
     masks = {}
     for schedule in SCHEDULES:
@@ -92,6 +81,9 @@ def measure(
     for a, b in zip(*(jax.tree.leaves(masks[s]) for s in SCHEDULES)):
       if not np.array_equal(np.asarray(a), np.asarray(b)):
         raise AssertionError(f"{kind}: the schedules' masks differ")
+  # The floor of masks.py, producing the same outputs from a known threshold.
+  floor = masks_benchmark.floor_fn(masks["search"])
+  programs = {"one-read floor": lambda p: floor(p, threshold), **programs}
   calls_in_turns, compile_s = {}, {}
   for name, fn in programs.items():
     exe, compile_s[name] = masks_benchmark.compiled(

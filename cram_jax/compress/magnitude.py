@@ -279,6 +279,13 @@ def _leaf_layout(leaves: Sequence[jax.Array], per_leaf: bool):
   return sizes, np.zeros(len(sizes), int), offsets, sizes.sum(keepdims=True)
 
 
+def _kept_before_cut(x, keys, t, cut):
+  """``(pruned x, mask)``: keys above ``t``, and those equal to it at flat
+  indices below ``cut``."""
+  mask = (keys > t) | ((keys == t) & (_flat_index(x.shape) < cut))
+  return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
+
+
 def _topk_by_digits(
     leaves: list[jax.Array], k: jax.Array, per_leaf: bool
 ) -> list[tuple[jax.Array, jax.Array]]:
@@ -368,14 +375,10 @@ def _topk_by_digits(
       keep >= ties, jnp.asarray(sizes, jnp.int32), jnp.where(split, cuts, 0)
   )
 
-  def masked(x, t, cut):
-    b = keys(x)
-    mask = (b > t) | ((b == t) & (_flat_index(x.shape) < cut))
-    return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
-
   return [
-      masked(
+      _kept_before_cut(
           x,
+          keys(x),
           lax.dynamic_index_in_dim(t_leaf, i, keepdims=False),
           lax.dynamic_index_in_dim(cuts, i, keepdims=False),
       )
@@ -499,9 +502,7 @@ def _topk_searched(
 
   # Each branch writes the pruned leaf beside its mask: one read of the leaf.
   def split_ties(x, *numbers):
-    t, cut = cut_of(*numbers)
-    mask = (keys(x) > t) | ((keys(x) == t) & (_flat_index(x.shape) < cut))
-    return jnp.where(mask, x, jnp.zeros((), x.dtype)), mask
+    return _kept_before_cut(x, keys(x), *cut_of(*numbers))
 
   def by_key(x, *numbers):
     t, cut = cut_of(*numbers)
