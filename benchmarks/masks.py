@@ -22,6 +22,14 @@ side by side in one run:
 Every ratio comes from calls taken in turns (compressor, floor, bf16, ...,
 then again; each timed call after an untimed one of the same function), so a
 change of machine load between them shifts both sides.
+
+The searches take more or fewer passes depending on where the cut falls among
+the weights, so one draw of the weights can flatter or wrong a compressor
+(ResNet-50 global(0.9) once took 5.0x to 7.3x the floor over four draws). The
+times, floor ratio and bf16 ratio are taken on ``--draws`` draws (default 3)
+with the same compiled programs, and each is the median over draws; the table
+also lists every draw's floor ratio.
+
 With fewer than 8 devices the sharded column runs in a child process on 8
 simulated CPU devices, and everything else in this one: simulating 8 devices
 splits the CPU's threads between them, which slowed the floor up to 2x and
@@ -43,11 +51,13 @@ as PASS/FAIL lines: floor ratio <= 6 (global, layer-wise), <= 3 (N:M); bf16 <=
 1.3x float32; compile <= 2 s; no parameter-sized collective when sharded; and
 ours >= 10x faster than each reference.
 
-  python benchmarks/masks.py [--repeats 5] [--quick] [--trees resnet50 bert]
+  python benchmarks/masks.py [--repeats 5] [--draws 3] [--quick]
+      [--trees resnet50 bert]
       [--only global global_levels layerwise n_of_m] [--no-sharded]
 
-``--quick``: 2 repeats, ResNet-50 only (a smoke run). Ratios are only good
-measured in one run on one machine; a loaded machine inflates them all.
+``--quick``: 2 repeats, one draw, ResNet-50 only (a smoke run). Ratios are
+only good measured in one run on one machine; a loaded machine inflates them
+all.
 """
 
 from __future__ import annotations
@@ -138,6 +148,23 @@ def make_params(
       name: {"kernel": jax.random.normal(k, shape, jnp.float32)}
       for k, (name, shape) in zip(keys, shapes.items())
   }
+
+
+def to_bf16(params: Any) -> Any:
+  return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+
+def redraw(params: Any, seed: int) -> Any:
+  """Fresh standard-normal float32 weights shaped as ``params``' leaves."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      treedef,
+      [
+          jax.random.normal(k, x.shape, jnp.float32)
+          for k, x in zip(keys, leaves)
+      ],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,9 +323,14 @@ class Row:
   sharded_ratio: float | None = None
   sharded_collectives: int | None = None
   versus: str | None = None  # for a reference: the name of our row
+  # Per draw of the weights: time / floor time (ours only; empty: one draw).
+  draw_ratios: tuple[float, ...] = ()
 
   @property
   def floor_ratio(self) -> float:
+    """The median over draws of time / floor time."""
+    if self.draw_ratios:
+      return statistics.median(self.draw_ratios)
     return self.seconds / self.floor_seconds
 
 
@@ -404,14 +436,18 @@ def measure_tree(
     references: bool,
     sparsity: float = 0.9,
     only: Sequence[str] | None = None,
+    draws: int = 1,
 ) -> list[Row]:
   """Every row of one tree (see the module doc); the sharded column only with
-  a ``mesh`` (else :func:`sharded_column_in_child` fills it)."""
-  rows = []
-  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+  a ``mesh`` (else :func:`sharded_column_in_child` fills it).
+
+  With ``draws`` > 1 the compressor, floor and bf16 times are taken again on
+  fresh weights of the same shapes (:func:`redraw`), with the same compiled
+  programs, and each row reports the medians over draws; the sharded column
+  and the references use the first draw.
+  """
   threshold = jnp.float32(1.0)
-  floors = {}
-  measured = {}
+  floors, programs = {}, []
   for case in selected_cases(sparsity, only):
     args = (params, *case.extra)
     fn, compile_s = compiled(case.fn, args)
@@ -422,19 +458,38 @@ def measure_tree(
     )
     if structure not in floors:
       floors[structure], _ = compiled(floor_fn(masks), (params, threshold))
-    bf16_fn, _ = compiled(case.fn, (bf16, *case.extra))
-    times = in_turns(
-        {
-            "float32": (fn, args),
-            "floor": (floors[structure], (params, threshold)),
-            "bfloat16": (bf16_fn, (bf16, *case.extra)),
-        },
-        repeats,
+    bf16_fn, _ = compiled(case.fn, (to_bf16(params), *case.extra))
+    programs.append((case, fn, floors[structure], bf16_fn, compile_s))
+  times = {case.key: [] for case, *_ in programs}
+  for seed in range(draws):
+    # One draw alive at a time (BERT-base: 340 MB of float32 weights a draw).
+    weights = params if seed == 0 else redraw(params, seed)
+    bf16 = to_bf16(weights)
+    for case, fn, floor, bf16_fn, _ in programs:
+      times[case.key].append(
+          in_turns(
+              {
+                  "float32": (fn, (weights, *case.extra)),
+                  "floor": (floor, (weights, threshold)),
+                  "bfloat16": (bf16_fn, (bf16, *case.extra)),
+              },
+              repeats,
+          )
+      )
+    del weights, bf16
+  rows, measured = [], {}
+  for case, fn, _, _, compile_s in programs:
+    per_draw = times[case.key]
+    seconds, floor_seconds = (
+        statistics.median(t[key] for t in per_draw)
+        for key in ("float32", "floor")
     )
-    row = Row(
-        tree, case.name, case.kind, times["float32"], times["floor"], compile_s
+    row = Row(tree, case.name, case.kind, seconds, floor_seconds, compile_s)
+    row.bf16_ratio = statistics.median(
+        t["bfloat16"] / t["float32"] for t in per_draw
     )
-    row.bf16_ratio = times["bfloat16"] / times["float32"]
+    if draws > 1:
+      row.draw_ratios = tuple(t["float32"] / t["floor"] for t in per_draw)
     if mesh is not None:
       row.sharded_ratio, row.sharded_collectives = sharded_entry(
           case, params, fn, mesh, repeats
@@ -507,14 +562,15 @@ def markdown(rows: Sequence[Row]) -> str:
   """The results as one Markdown table."""
   lines = [
       "| tree | compressor | median (ms) | one-read floor (ms) | vs floor "
-      "| compile (s) | bf16 / f32 | sharded / unsharded "
+      "| vs floor, each draw | compile (s) | bf16 / f32 | sharded / unsharded "
       "| parameter-sized collectives (sharded) |",
-      "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+      "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
   ]
   for r in rows:
+    each = " ".join(f"{x:.1f}" for x in r.draw_ratios) or "-"
     lines.append(
         f"| {r.tree} | {r.name} | {1e3 * r.seconds:.1f} "
-        f"| {1e3 * r.floor_seconds:.1f} | {r.floor_ratio:.1f}x "
+        f"| {1e3 * r.floor_seconds:.1f} | {r.floor_ratio:.1f}x | {each} "
         f"| {_fmt(r.compile_seconds, '.2f')} | {_fmt(r.bf16_ratio, '.2f', 'x')} "
         f"| {_fmt(r.sharded_ratio, '.2f', 'x')} "
         f"| {_fmt(r.sharded_collectives, 'd')} |"
@@ -530,10 +586,12 @@ def targets(rows: Sequence[Row]) -> list[tuple[bool, str]]:
       continue
     where = f"{r.tree}, {r.name}"
     limit = TARGET_FLOOR[r.kind]
+    over = f", median of {len(r.draw_ratios)} draws" if r.draw_ratios else ""
     checks.append(
         (
             r.floor_ratio <= limit,
-            f"{where}: {r.floor_ratio:.1f}x the one-read floor (<= {limit:g}x)",
+            f"{where}: {r.floor_ratio:.1f}x the one-read floor{over} "
+            f"(<= {limit:g}x)",
         )
     )
     checks.append(
@@ -578,6 +636,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--sparsity", type=float, default=0.9)
   parser.add_argument(
+      "--draws",
+      type=int,
+      default=None,
+      help="draws of the weights timed, medians reported (default 3; 1 with "
+      "--quick)",
+  )
+  parser.add_argument(
       "--trees", nargs="+", choices=sorted(TREES), default=["resnet50", "bert"]
   )
   parser.add_argument(
@@ -604,6 +669,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.error(f"--repeats must be >= 1, got {args.repeats}")
   if not 0.0 <= args.sparsity < 1.0:
     parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+  if args.draws is None:
+    args.draws = 1 if args.quick else 3
+  if args.draws < 1:
+    parser.error(f"--draws must be >= 1, got {args.draws}")
   if args.quick:
     args.repeats, args.trees = min(args.repeats, 2), ["resnet50"]
   return args
@@ -634,7 +703,8 @@ def run(
       )
   print(
       f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-      f"median of {args.repeats}, the calls of each ratio taken in turns"
+      f"median of {args.repeats}, the calls of each ratio taken in turns; "
+      f"{args.draws} draw(s) of the weights"
       + ("" if args.no_sharded else f"; sharded column {where}")
       + f"; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
   )
@@ -653,6 +723,7 @@ def run(
         references=name == "resnet50" or name not in TREES,
         sparsity=args.sparsity,
         only=args.only,
+        draws=args.draws,
     )
   if child_columns is not None:
     names = {c.name: c.key for c in cases(args.sparsity)}

@@ -432,8 +432,16 @@ def test_benchmark_runs_on_a_tiny_tree(capsys):
   cannot rot (its real trees are far too big for a test)."""
   masks = _load_benchmark()
   tiny = masks.make_params({"conv": (3, 3, 8, 16), "dense": (16, 32)})
-  args = masks.parse_args(["--quick", "--only", "global", "n_of_m"])
-  assert args.repeats == 2 and args.trees == ["resnet50"]
+  args = masks.parse_args(
+      ["--quick", "--draws", "2", "--only", "global", "n_of_m"]
+  )
+  assert args.repeats == 2 and args.trees == ["resnet50"] and args.draws == 2
+  assert masks.parse_args(["--quick"]).draws == 1
+  assert masks.parse_args([]).draws == 3
+  again = masks.redraw(tiny, 1)  # the second draw: new weights, same shapes
+  for x, y in zip(jax.tree.leaves(tiny), jax.tree.leaves(again), strict=True):
+    assert x.shape == y.shape and y.dtype == jnp.float32
+    assert not np.array_equal(x, y)
   rows, checks = masks.run(args, {"tiny": tiny})
   names = [r.name for r in rows]
   assert names == [
@@ -447,6 +455,9 @@ def test_benchmark_runs_on_a_tiny_tree(capsys):
     assert 0 < r.seconds < 60 and 0 < r.floor_seconds < 60, r
   for r in rows[:2]:
     assert r.compile_seconds > 0 and r.bf16_ratio > 0 and r.sharded_ratio > 0
+    # Two draws, the reported ratio their median (the mean of two).
+    assert len(r.draw_ratios) == 2
+    assert r.floor_ratio == pytest.approx(sum(r.draw_ratios) / 2)
   # N:M along the input axis of kernels split on the output axis: local.
   assert rows[1].sharded_collectives == 0
   # 4 targets per compressor, one speed-up per reference.
