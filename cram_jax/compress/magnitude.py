@@ -308,15 +308,22 @@ def _topk_by_digits(
   # that of one sum per candidate, over the ResNet-50 and BERT-base trees
   # (global and layer-wise, float32 and bfloat16; candidates last was faster
   # only for BERT-base float32 global, by 1.7x).
-  def count_keys(cand):  # per leaf, the weights at least each candidate key
+  def count_each(cand, cand_row, test):
+    """Per leaf ``i``, the entries where ``test(x, view, i, c)`` holds for
+    each of its candidates ``c`` (row ``cand_row[i]`` of ``cand``)."""
     rows = []
-    for x, g in zip(leaves, leaf_group):
+    for x, row, i in zip(leaves, cand_row, leaf_index):
       v = x[None]
       c = _per_candidate(
-          lax.dynamic_index_in_dim(cand, g, keepdims=False), v.ndim
+          lax.dynamic_index_in_dim(cand, row, keepdims=False), v.ndim
       )
-      rows.append(_count_rows(keys(v)[:, None] >= c, 2)[0])
+      rows.append(_count_rows(test(x, v, i, c), 2)[0])
     return jnp.stack(rows)
+
+  def count_keys(cand):  # per leaf, the weights at least each candidate key
+    return count_each(
+        cand, leaf_group, lambda x, v, i, c: keys(v)[:, None] >= c
+    )
 
   threshold, at_t, above_t = radix.digit_search(
       count_keys,
@@ -341,17 +348,12 @@ def _topk_by_digits(
   def split_cuts(_):
     # Per leaf, the flat index after its keep-th tie: the largest q with fewer
     # than keep ties before it, plus one.
+    def tied_before(x, v, i, c):
+      t = lax.dynamic_index_in_dim(t_leaf, i, keepdims=False)
+      return (keys(v) == t)[:, None] & (_flat_index(x.shape)[None, None] < c)
+
     def count_ties(cand):
-      rows = []
-      for x, i in zip(leaves, leaf_index):
-        v = x[None]
-        t = lax.dynamic_index_in_dim(t_leaf, i, keepdims=False)
-        c = _per_candidate(
-            lax.dynamic_index_in_dim(cand, i, keepdims=False), v.ndim
-        )
-        tied = (keys(v) == t)[:, None] & (_flat_index(x.shape)[None, None] < c)
-        rows.append(_count_rows(tied, 2)[0])
-      return jnp.stack(rows)
+      return count_each(cand, leaf_index, tied_before)
 
     wanted = jnp.where(split, keep, 1)
     last, _, _ = radix.digit_search(
